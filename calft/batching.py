@@ -1,0 +1,218 @@
+"""Training batches (input ids, trained positions, sparse targets) and the loss on one batch.
+
+Data flow (DESIGN.md): PreparedPrompt (prompt ids, support strings, trie) -> an epoch plan of
+(prompt, support string) items in family-balanced order -> a micro-batch
+(input_ids [B, T], attention_mask [B, T], the flat indices b*T + t of the N trained positions,
+SparseTargets with N rows, per-row weights [N]) -> the decoder's hidden states at those N rows
+only -> `calft.losses.linear_soft_target_kl` against the LM head.
+
+Which positions (SPEC.md section 5). A prompt of P tokens followed by an answer string of L
+tokens is the input ``x = prompt_ids + answer_ids`` (length P + L). Position ``t`` predicts token
+``t + 1``, so the trained positions are ``t = P-1, ..., P-1+L``: L+1 positions predicting the L
+answer tokens and then EOS. (EOS itself is never an input.) Position ``P-1+j`` sits at trie node
+``path_nodes(s)[j]`` (the prefix of the first j answer tokens).
+
+Targets and weights. With G sequences in one global optimizer step (all micro-batches of all
+ranks) and reduction "sum" over the rows of all of them:
+
+- soft: the target at node v is q(. | v) (the trie's conditional children masses); a sequence
+  with n = L+1 positions gives each row the weight 1 / (n * G), so the step loss is
+  ``(1/G) sum_seq (1/n_seq) sum_pos KL_pos`` (the paper's mean over sequences of the per-sequence
+  mean);
+- hard: the target is the actual next token with probability 1 (cross-entropy = KL with a one-hot
+  target); every row has the weight 1 / (total trained positions of the step): a token-level mean.
+
+Order (SPEC.md section 7): for epoch e, the items are shuffled within each family with a
+``numpy`` Generator seeded by (seed, e), then taken round-robin across the families (in the
+order in which they first appear in the prompt list); a family that runs out drops out of the
+rotation. The plan is a pure function of (seed, epoch), so every rank builds the same plan and
+takes its own slice, and a resumed run rebuilds exactly the same order.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from calft.losses import SparseTargets, linear_soft_target_kl
+from calft.models import decoder, lm_head_weight
+
+
+# ------------------------------------------------------------------------------------------------
+# epoch plan: which (prompt, support string) items, in which order
+
+def balanced_order(family_ids: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``family_ids`` shuffled within each family, then interleaved round-robin.
+
+    Example: families [a, a, a, b, c, c] -> e.g. [a2, b0, c5, a0, c4, a1].
+    """
+    groups: dict[str, list[int]] = {}
+    for i, fam in enumerate(family_ids):
+        groups.setdefault(fam, []).append(i)
+    shuffled = [np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))] for idx in groups.values()]
+    longest = max((len(g) for g in shuffled), default=0)
+    order = [g[k] for k in range(longest) for g in shuffled if k < len(g)]
+    return np.asarray(order, dtype=np.int64)
+
+
+def sample_strings(probs: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
+    """``num`` i.i.d. indices drawn from the categorical ``probs`` (zero-probability entries never)."""
+    cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
+    if not np.isfinite(cdf[-1]) or cdf[-1] <= 0:
+        raise ValueError("support probabilities must be finite with a positive sum")
+    u = rng.random(num) * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
+
+
+def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: int = 1) -> np.ndarray:
+    """The items of one epoch as an int64 array [num_prompts * samples_per_prompt, 2] of
+    (prompt index, support string index), in family-balanced order.
+
+    Each prompt contributes ``samples_per_prompt`` strings drawn i.i.d. from its discretized target
+    (soft recipe: 1 per epoch; hard recipe: 16). Deterministic given (seed, epoch).
+    """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts to train on")
+    rng = np.random.default_rng([seed, epoch])
+    strings = np.concatenate([sample_strings(p.support.probs, samples_per_prompt, rng) for p in prompts])
+    prompt_of_item = np.repeat(np.arange(len(prompts), dtype=np.int64), samples_per_prompt)
+    families = [prompts[i].spec.family_id for i in prompt_of_item]
+    order = balanced_order(families, rng)
+    return np.stack([prompt_of_item[order], strings[order]], axis=1)
+
+
+def steps_per_epoch(num_items: int, global_batch: int) -> int:
+    """Full global batches in one epoch (the last partial batch is dropped; the order reshuffles
+    every epoch, so each item is still seen on average)."""
+    if num_items < global_batch:
+        raise ValueError(f"the global batch ({global_batch} sequences) is larger than one epoch "
+                         f"({num_items} items): lower the batch size or add prompts")
+    return num_items // global_batch
+
+
+def step_items(plan: np.ndarray, step_in_epoch: int, *, global_batch: int, world_size: int = 1,
+               rank: int = 0) -> np.ndarray:
+    """This rank's share of one global step: global items [s*G, (s+1)*G) split into ``world_size``
+    contiguous slices; the rank then cuts its slice into micro-batches in order."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+    items = plan[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
+    per_rank = global_batch // world_size
+    return items[rank * per_rank:(rank + 1) * per_rank]
+
+
+def global_num_positions(prompts: Sequence, items: np.ndarray) -> int:
+    """Trained positions (answer tokens + EOS) of all ``items``: the hard-mode denominator."""
+    return int(sum(len(prompts[p].answer_ids[s]) + 1 for p, s in items))
+
+
+# ------------------------------------------------------------------------------------------------
+# one micro-batch
+
+@dataclass
+class Batch:
+    """One micro-batch. N = trained positions, B = sequences, T = padded length."""
+
+    input_ids: torch.Tensor       # [B, T] int64, right-padded
+    attention_mask: torch.Tensor  # [B, T] int64, 1 on real tokens
+    gather_index: torch.Tensor    # [N] int64, flat index b*T + t of each trained position
+    targets: SparseTargets        # N rows (CSR), probs float32
+    weights: torch.Tensor         # [N] float32; sum over rows (all micro-batches, ranks) = step loss
+    num_tokens: int               # real (non-pad) tokens, for throughput
+
+    def to(self, device) -> "Batch":
+        t = self.targets
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.gather_index.to(device),
+                     SparseTargets(t.row_ptr.to(device), t.token_ids.to(device), t.probs.to(device)),
+                     self.weights.to(device), self.num_tokens)
+
+
+def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int, eos_id: int,
+                global_batch: int, global_positions: int | None = None) -> Batch:
+    """Collate ``items`` ((prompt index, string index) rows) into a :class:`Batch`.
+
+    ``global_batch`` (G) is the number of sequences in the whole optimizer step and
+    ``global_positions`` (hard mode only) its number of trained positions; they fix the weights so
+    that summing the weighted KL over every micro-batch of every rank gives the step loss.
+    """
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    if mode == "hard" and not global_positions:
+        raise ValueError("hard mode needs global_positions (trained positions in the step)")
+    seqs, gather, row_lens, ids, probs, weights = [], [], [], [], [], []
+    T = max(len(prompts[p].prompt_ids) + len(prompts[p].answer_ids[s]) for p, s in items)
+    for b, (p, s) in enumerate(items):
+        prep = prompts[p]
+        answer = np.asarray(prep.answer_ids[s], dtype=np.int64)
+        P, L = len(prep.prompt_ids), len(answer)
+        seqs.append(np.concatenate([np.asarray(prep.prompt_ids, dtype=np.int64), answer]))
+        gather.extend(b * T + P - 1 + j for j in range(L + 1))
+        if mode == "soft":
+            trie = prep.trie
+            nodes = trie.path_nodes(int(s))
+            if len(nodes) != L + 1:
+                raise ValueError(f"trie path of prompt {p} string {s} has {len(nodes)} nodes, "
+                                 f"expected {L + 1} (answer tokens + EOS)")
+            for v in nodes:
+                lo, hi = int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])
+                ids.append(trie.token_ids[lo:hi])
+                probs.append(trie.probs[lo:hi])
+                row_lens.append(hi - lo)
+            weights.extend([1.0 / ((L + 1) * global_batch)] * (L + 1))
+        else:
+            ids.append(np.append(answer, eos_id))
+            probs.append(np.ones(L + 1))
+            row_lens.extend([1] * (L + 1))
+            weights.extend([1.0 / global_positions] * (L + 1))
+    input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=np.int64)
+    for b, x in enumerate(seqs):
+        input_ids[b, :len(x)] = x
+        mask[b, :len(x)] = 1
+    row_ptr = np.zeros(len(row_lens) + 1, dtype=np.int64)
+    np.cumsum(row_lens, out=row_ptr[1:])
+    targets = SparseTargets(torch.from_numpy(row_ptr),
+                            torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+                            torch.from_numpy(np.concatenate(probs).astype(np.float32)))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask),
+                 torch.tensor(gather, dtype=torch.int64), targets,
+                 torch.tensor(weights, dtype=torch.float32), int(mask.sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss on one batch
+
+class SparseKLLoss(nn.Module):
+    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a :class:`Batch`.
+
+    Wraps the model so that DDP / FSDP2 see one root module whose forward is the whole objective:
+    the decoder runs over [B, T], only the N trained rows of its last hidden state reach the fused
+    LM-head + sparse-KL op, so no [B, T, V] (or [N, V]) logits tensor is ever materialized.
+    """
+
+    def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def hidden_rows(self, batch: Batch) -> torch.Tensor:
+        out = decoder(self.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       use_cache=False)
+        h = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, H]
+        return h.reshape(-1, h.shape[-1]).index_select(0, batch.gather_index)  # [N, H]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        device_type = batch.input_ids.device.type
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            rows = self.hidden_rows(batch)
+        weight, bias = lm_head_weight(self.model)
+        # the loss itself is fp32 (SPEC.md section 5 fix): the op upcasts bf16 inputs internally
+        return linear_soft_target_kl(rows, weight, batch.targets, bias=bias, weights=batch.weights,
+                                     reduction="sum", validate=False)

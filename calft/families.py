@@ -1,0 +1,431 @@
+"""The 30 distribution families of SPEC.md section 2: parameters, validation, scipy mapping, grids.
+
+A prompt names a family by its display name and lists its parameters in a fixed order
+(`Family.param_names`). `Family.frozen(params)` maps those prompt parameters to a frozen
+scipy distribution, the single source of truth for the target (support, cdf, pmf, moments):
+
+    uniform(a, b)            -> uniform(loc=a, scale=b-a)
+    triangular(a, c, b)      -> triang(c=(c-a)/(b-a), loc=a, scale=b-a)
+    truncnorm(mu, sigma, lo, up) -> truncnorm((lo-mu)/sigma, (up-mu)/sigma, loc=mu, scale=sigma)
+    inverse_gaussian(mu, lambda) -> invgauss(mu/lambda, scale=lambda)   (mean mu, shape lambda)
+    ...                                                                  (see `FAMILIES` below)
+
+Counts (n, r, M, K, N) are rounded to Python ints by `Family.validate`; everything else becomes
+a Python float. Invalid input raises `ValueError` naming the family, the parameter and the valid
+range (SPEC.md section 2).
+
+The parameter grids of the splits live here too (`GRIDS`), written in each family's *grid*
+parameterization; `grid_point_to_params` maps a grid point to prompt parameters:
+uniform (a, width) -> b = a + width; triangular (a, width, mode_fraction) -> c = a + width * mf,
+b = a + width; hypergeometric (M, N, success_fraction) -> K = round(M * sf), N = min(N, M).
+Python's `round` (half to even) is used for K, as the artifact did. Every grid value is snapped
+to the 4 significant digits the prompt prints (`clean_number`), so the prompt text describes the
+target distribution exactly (parsing the printed numbers gives back the parameters).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+from scipy import stats
+
+INF = math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters and families
+
+
+@dataclass(frozen=True)
+class Param:
+    """One prompt parameter: its valid interval and whether it is a count (rounded to int)."""
+
+    name: str
+    low: float = -INF
+    high: float = INF
+    low_closed: bool = False  # True: low itself is allowed
+    high_closed: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        """Valid range as text, e.g. '(0, inf)', '[0, 1]', 'integer >= 1', 'any finite real'."""
+        if self.integer:
+            low = self.low if self.low_closed else self.low + 1
+            return f"integer >= {int(low)}" if self.high == INF else f"integer in [{int(low)}, {int(self.high)}]"
+        if self.low == -INF and self.high == INF:
+            return "any finite real"
+        left = "[" if self.low_closed else "("
+        right = "]" if self.high_closed else ")"
+        return f"{left}{_fmt(self.low)}, {_fmt(self.high)}{right}"
+
+    def contains(self, x: float) -> bool:
+        above = x >= self.low if self.low_closed else x > self.low
+        below = x <= self.high if self.high_closed else x < self.high
+        return above and below
+
+
+def _fmt(x: float) -> str:
+    if x in (INF, -INF):
+        return "inf" if x > 0 else "-inf"
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _real(name: str) -> Param:
+    return Param(name)
+
+
+def _pos(name: str) -> Param:
+    return Param(name, low=0.0)
+
+
+def _prob(name: str, *, zero: bool = True) -> Param:
+    return Param(name, low=0.0, high=1.0, low_closed=zero, high_closed=True)
+
+
+def _count(name: str, low: int) -> Param:
+    return Param(name, low=float(low), low_closed=True, integer=True)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A distribution family: identity (id, display, tier), prompt parameters and scipy mapping.
+
+    `param_names` is the order in which the prompt lists the parameters (e.g. ("a", "c", "b")
+    for triangular). `validate` returns the normalized parameters in that order.
+    """
+
+    id: str
+    display: str
+    tier: str  # "I", "II" or "III" (difficulty tiers of the paper)
+    param_names: tuple[str, ...]
+    integer_only: bool
+    held_out: bool
+    params: tuple[Param, ...] = field(repr=False, compare=False)
+    make: Callable[..., object] = field(repr=False, compare=False)  # scipy frozen dist from params
+    # cross-parameter constraints: (params dict) -> error text or None
+    check: Callable[[dict], str | None] | None = field(default=None, repr=False, compare=False)
+
+    def validate(self, params: Mapping[str, float]) -> dict[str, float | int]:
+        """Check `params` and return them normalized, in prompt order.
+
+        Raises `ValueError` (naming the family, the parameter and its valid range) for missing or
+        unexpected keys, non-numeric or non-finite values, values outside the range, and
+        violated cross-parameter constraints (b > a, a <= c <= b, lower < upper, K <= M, N <= M).
+        """
+        if not isinstance(params, Mapping):
+            raise ValueError(f"{self.id}: parameters must be a mapping {{name: value}}, got {type(params).__name__}")
+        expected = ", ".join(self.param_names)
+        for key in params:
+            if key not in self.param_names:
+                close = difflib.get_close_matches(str(key), self.param_names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{self.id}: unexpected parameter {key!r}{hint}; expected parameters ({expected})")
+        out: dict[str, float | int] = {}
+        for p in self.params:
+            if p.name not in params:
+                raise ValueError(f"{self.id}: missing parameter {p.name!r}; expected parameters ({expected})")
+            raw = params[p.name]
+            if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, numbers.Real):
+                raise ValueError(
+                    f"{self.id}: parameter {p.name!r} must be a real number ({p.describe()}), got {raw!r}"
+                )
+            x = float(raw)
+            if not math.isfinite(x):
+                raise ValueError(f"{self.id}: parameter {p.name!r} must be finite ({p.describe()}), got {x}")
+            if p.integer:
+                x = int(round(x))
+            if not p.contains(x):
+                raise ValueError(f"{self.id}: parameter {p.name!r}={raw!r} is outside its valid range {p.describe()}")
+            out[p.name] = int(x) if p.integer else x
+        if self.check is not None:
+            problem = self.check(out)
+            if problem:
+                raise ValueError(f"{self.id}: {problem}")
+        return out
+
+    def frozen(self, params: Mapping[str, float]):
+        """The scipy frozen distribution for these (validated) prompt parameters."""
+        return self.make(**self.validate(params))
+
+    def support_bounds(self, params: Mapping[str, float]) -> tuple[float, float]:
+        """(lo, hi) of the support as floats; -inf/inf where unbounded (geometric: (1, inf))."""
+        lo, hi = self.frozen(params).support()
+        return float(lo), float(hi)
+
+    def moments(self, params: Mapping[str, float]) -> tuple[float, float]:
+        """True (mean, variance) from scipy; inf or nan where the moment does not exist (Cauchy)."""
+        mean, var = self.frozen(params).stats(moments="mv")
+        return float(mean), float(var)
+
+
+def _ordered(name_a: str, name_b: str) -> Callable[[dict], str | None]:
+    def check(p: dict) -> str | None:
+        if not p[name_b] > p[name_a]:
+            return (
+                f"parameter {name_b!r} must be > {name_a!r} (got {name_a}={p[name_a]}, {name_b}={p[name_b]}); "
+                f"valid range: {name_b} in ({p[name_a]}, inf)"
+            )
+        return None
+
+    return check
+
+
+def _check_triangular(p: dict) -> str | None:
+    problem = _ordered("a", "b")(p)
+    if problem:
+        return problem
+    if not p["a"] <= p["c"] <= p["b"]:
+        return f"parameter 'c' (the mode) must lie in [a, b] = [{p['a']}, {p['b']}], got c={p['c']}"
+    return None
+
+
+def _check_hypergeometric(p: dict) -> str | None:
+    for name in ("K", "N"):
+        if p[name] > p["M"]:
+            return f"parameter {name!r}={p[name]} must be <= M={p['M']}; valid range: integer in [0, {p['M']}]"
+    return None
+
+
+# SPEC.md section 2 table, in SPEC order. (id, display, tier, params, integer, held_out, scipy, check)
+_TABLE = [
+    ("uniform", "Uniform", "I", (_real("a"), _real("b")), False, False,
+     lambda a, b: stats.uniform(loc=a, scale=b - a), _ordered("a", "b")),
+    ("gaussian", "Gaussian", "I", (_real("mu"), _pos("sigma")), False, False,
+     lambda mu, sigma: stats.norm(mu, sigma), None),
+    ("bernoulli", "Bernoulli", "I", (_prob("p"),), True, True,
+     lambda p: stats.bernoulli(p), None),
+    ("beta", "Beta", "II", (_pos("alpha"), _pos("beta")), False, False,
+     lambda alpha, beta: stats.beta(alpha, beta), None),
+    ("binomial", "Binomial", "II", (_count("n", 0), _prob("p")), True, False,
+     lambda n, p: stats.binom(n, p), None),
+    ("poisson", "Poisson", "II", (_pos("lambda"),), True, True,
+     lambda **k: stats.poisson(k["lambda"]), None),
+    ("exponential", "Exponential", "II", (_pos("lambda"),), False, False,
+     lambda **k: stats.expon(scale=1.0 / k["lambda"]), None),
+    ("geometric", "Geometric", "II", (_prob("p", zero=False),), True, False,
+     lambda p: stats.geom(p), None),
+    ("negative_binomial", "Negative Binomial", "II", (_count("r", 1), _prob("p", zero=False)), True, False,
+     lambda r, p: stats.nbinom(r, p), None),
+    ("lognormal", "LogNormal", "II", (_real("mu"), _pos("sigma")), False, False,
+     lambda mu, sigma: stats.lognorm(s=sigma, scale=math.exp(mu)), None),
+    ("triangular", "Triangular", "II", (_real("a"), _real("c"), _real("b")), False, False,
+     lambda a, c, b: stats.triang(c=(c - a) / (b - a), loc=a, scale=b - a), _check_triangular),
+    ("rayleigh", "Rayleigh", "II", (_pos("sigma"),), False, False,
+     lambda sigma: stats.rayleigh(scale=sigma), None),
+    ("maxwell", "Maxwell", "II", (_pos("scale"),), False, True,
+     lambda scale: stats.maxwell(scale=scale), None),
+    ("truncnorm", "TruncNorm", "II", (_real("mu"), _pos("sigma"), _real("lower"), _real("upper")), False, True,
+     lambda mu, sigma, lower, upper: stats.truncnorm((lower - mu) / sigma, (upper - mu) / sigma, loc=mu, scale=sigma),
+     _ordered("lower", "upper")),
+    ("cauchy", "Cauchy", "III", (_real("x0"), _pos("gamma")), False, False,
+     lambda x0, gamma: stats.cauchy(x0, gamma), None),
+    ("student_t", "Student's t", "III", (_pos("nu"),), False, False,
+     lambda nu: stats.t(nu), None),
+    ("chi_square", "Chi-Square", "III", (_pos("nu"),), False, False,
+     lambda nu: stats.chi2(nu), None),
+    ("f_distribution", "F-Distribution", "III", (_pos("d1"), _pos("d2")), False, False,
+     lambda d1, d2: stats.f(d1, d2), None),
+    ("gamma", "Gamma", "III", (_pos("alpha"), _pos("beta")), False, False,
+     lambda alpha, beta: stats.gamma(alpha, scale=beta), None),
+    ("weibull", "Weibull", "III", (_pos("k"), _pos("lambda")), False, True,
+     lambda **k: stats.weibull_min(k["k"], scale=k["lambda"]), None),
+    ("laplace", "Laplace", "III", (_real("mu"), _pos("b")), False, False,
+     lambda mu, b: stats.laplace(mu, b), None),
+    ("logistic", "Logistic", "III", (_real("mu"), _pos("s")), False, False,
+     lambda mu, s: stats.logistic(mu, s), None),
+    ("pareto", "Pareto", "III", (_pos("alpha"), _pos("xm")), False, False,
+     lambda alpha, xm: stats.pareto(alpha, scale=xm), None),
+    ("hypergeometric", "Hypergeometric", "III", (_count("M", 1), _count("K", 0), _count("N", 0)), True, False,
+     lambda M, K, N: stats.hypergeom(M, K, N), _check_hypergeometric),
+    ("gumbel", "Gumbel", "III", (_real("mu"), _pos("beta")), False, False,
+     lambda mu, beta: stats.gumbel_r(mu, beta), None),
+    ("skellam", "Skellam", "III", (_pos("mu1"), _pos("mu2")), True, False,
+     lambda mu1, mu2: stats.skellam(mu1, mu2), None),
+    ("beta_binomial", "Beta-Binomial", "III", (_count("n", 0), _pos("alpha"), _pos("beta")), True, False,
+     lambda n, alpha, beta: stats.betabinom(n, alpha, beta), None),
+    ("lomax", "Lomax", "III", (_pos("alpha"), _pos("lambda")), False, False,
+     lambda **k: stats.lomax(k["alpha"], scale=k["lambda"]), None),
+    ("inverse_gaussian", "Inverse Gaussian", "III", (_pos("mu"), _pos("lambda")), False, False,
+     lambda **k: stats.invgauss(k["mu"] / k["lambda"], scale=k["lambda"]), None),
+    ("chi", "Chi", "III", (_pos("df"),), False, True,
+     lambda df: stats.chi(df), None),
+]
+
+FAMILIES: dict[str, Family] = {
+    fid: Family(fid, display, tier, tuple(p.name for p in params), integer, held_out, params, make, check)
+    for fid, display, tier, params, integer, held_out, make, check in _TABLE
+}
+TRAIN_FAMILY_IDS: tuple[str, ...] = tuple(f.id for f in FAMILIES.values() if not f.held_out)
+HELD_OUT_FAMILY_IDS: tuple[str, ...] = tuple(f.id for f in FAMILIES.values() if f.held_out)
+
+
+def get_family(family_id: str) -> Family:
+    """The `Family` for an id; `ValueError` with the closest known id on a typo."""
+    if isinstance(family_id, Family):
+        return family_id
+    if isinstance(family_id, str) and family_id in FAMILIES:
+        return FAMILIES[family_id]
+    close = difflib.get_close_matches(str(family_id).lower(), list(FAMILIES), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown distribution family {family_id!r}{hint} (known: {', '.join(FAMILIES)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter grids (SPEC.md section 2, "Parameter grids")
+
+
+def clean_number(x: float) -> float | int:
+    """Snap a grid value to the 4 significant digits the prompt prints (ints stay ints)."""
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return int(x)
+    y = float(f"{float(x):.4g}")
+    return 0.0 if y == 0 else y
+
+
+def lin(a: float, b: float, k: int) -> tuple[float, ...]:
+    """`lin[a,b]xk`: k linearly spaced points from a to b (inclusive), snapped."""
+    return tuple(clean_number(v) for v in np.linspace(a, b, k))
+
+
+def log(a: float, b: float, k: int) -> tuple[float, ...]:
+    """`log[a,b]xk`: k geometrically spaced points from a to b (inclusive), snapped."""
+    return tuple(clean_number(v) for v in np.geomspace(a, b, k))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Points in a family's grid parameterization: a cartesian product of `axes`, or `rows`."""
+
+    names: tuple[str, ...]
+    axes: tuple[tuple, ...] | None = None
+    rows: tuple[tuple, ...] | None = None
+
+    def points(self) -> list[dict[str, float]]:
+        """All grid points as dicts, cartesian order (first axis slowest) or row order."""
+        rows = itertools.product(*self.axes) if self.axes is not None else self.rows
+        return [dict(zip(self.names, row)) for row in rows]
+
+    def __len__(self) -> int:
+        return math.prod(len(a) for a in self.axes) if self.axes is not None else len(self.rows)
+
+
+def _axes(names: str, *axes) -> Grid:
+    return Grid(tuple(names.split()), axes=tuple(tuple(a) for a in axes))
+
+
+def _rows(names: str, *rows) -> Grid:
+    names_t = tuple(names.split())
+    return Grid(names_t, rows=tuple(r if isinstance(r, tuple) else (r,) for r in rows))
+
+
+_BINOM_P = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
+_LOC_SCALE_TRAIN = (lin(-2, 2, 11), log(0.5, 2, 11))
+_LOC_SCALE_TEST = (lin(2.5, 4, 6), log(2.25, 3.5, 6))
+
+# family -> {split: Grid}; grid parameterization names (uniform: a width; triangular: a width
+# mode_fraction; hypergeometric: M N success_fraction), everything else = prompt names.
+GRIDS: dict[str, dict[str, Grid]] = {
+    "uniform": dict(train=_axes("a width", lin(-5, 2, 11), lin(1, 5, 11)),
+                    test_unseen_params=_axes("a width", lin(2.5, 4.5, 6), lin(5.5, 8, 6)),
+                    selected=_rows("a width", (3.5, 7))),
+    "gaussian": dict(train=_axes("mu sigma", lin(-2, 2, 11), log(0.5, 2, 11)),
+                     test_unseen_params=_axes("mu sigma", lin(2.5, 4, 6), log(2.25, 3.5, 6)),
+                     selected=_rows("mu sigma", (3.5, 3))),
+    "beta": dict(train=_axes("alpha beta", log(0.5, 5, 11), log(0.5, 5, 11)),
+                 test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
+                 selected=_rows("alpha beta", (7, 7))),
+    "binomial": dict(train=_axes("n p", (5, 10, 15, 20), _BINOM_P),
+                     test_unseen_params=_axes("n p", (25, 30), (0.25, 0.4, 0.5, 0.6, 0.75)),
+                     selected=_rows("n p", (25, 0.5))),
+    "exponential": dict(train=_axes("lambda", log(0.5, 5, 25)),
+                        test_unseen_params=_axes("lambda", log(5.5, 8, 12)),
+                        selected=_rows("lambda", 7)),
+    "geometric": dict(train=_axes("p", (0.2, 0.225, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.775, 0.8)),
+                      test_unseen_params=_axes("p", (0.05, 0.075, 0.1, 0.125, 0.15, 0.85, 0.875, 0.9, 0.925, 0.95)),
+                      selected=_rows("p", 0.125)),
+    "negative_binomial": dict(train=_axes("r p", (3, 5, 8, 12), _BINOM_P),
+                              test_unseen_params=_axes("r p", (15, 20), (0.1, 0.15, 0.2, 0.8, 0.85, 0.9)),
+                              selected=_rows("r p", (15, 0.15))),
+    "lognormal": dict(train=_axes("mu sigma", lin(-1, 1.5, 11), log(0.25, 1.25, 11)),
+                      test_unseen_params=_axes("mu sigma", lin(1.75, 3, 6), log(1.5, 2.25, 6)),
+                      selected=_rows("mu sigma", (2.5, 2))),
+    "triangular": dict(train=_axes("a width mode_fraction", lin(-3, 1, 5), lin(1, 5, 5), (0.1, 0.3, 0.5, 0.7, 0.9)),
+                       test_unseen_params=_axes("a width mode_fraction", lin(1.5, 3.5, 3), lin(5.5, 8, 3),
+                                                (0.1, 0.5, 0.9)),
+                       selected=_rows("a width mode_fraction", (2.5, 7, 0.5))),
+    "rayleigh": dict(train=_axes("sigma", log(0.5, 2, 25)),
+                     test_unseen_params=_axes("sigma", log(2.25, 3.5, 12)),
+                     selected=_rows("sigma", 3)),
+    "cauchy": dict(train=_axes("x0 gamma", *_LOC_SCALE_TRAIN),
+                   test_unseen_params=_axes("x0 gamma", *_LOC_SCALE_TEST),
+                   selected=_rows("x0 gamma", (3.5, 3))),
+    "student_t": dict(train=_axes("nu", (2.5, 2.75, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10)),
+                      test_unseen_params=_axes("nu", (10.5, 12, 14, 16, 18, 20)),
+                      selected=_rows("nu", 16)),
+    "chi_square": dict(train=_axes("nu", (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20)),
+                       test_unseen_params=_axes("nu", (21, 24, 28, 32, 36, 40)),
+                       selected=_rows("nu", 32)),
+    "f_distribution": dict(train=_axes("d1 d2", (3, 5, 7, 10), (5, 10, 15, 20)),
+                           test_unseen_params=_axes("d1 d2", (12, 15), (24, 30)),
+                           selected=_rows("d1 d2", (12, 24))),
+    "gamma": dict(train=_axes("alpha beta", log(1, 5, 11), log(1, 5, 11)),
+                  test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
+                  selected=_rows("alpha beta", (7, 7))),
+    "laplace": dict(train=_axes("mu b", *_LOC_SCALE_TRAIN),
+                    test_unseen_params=_axes("mu b", *_LOC_SCALE_TEST),
+                    selected=_rows("mu b", (3.5, 3))),
+    "logistic": dict(train=_axes("mu s", *_LOC_SCALE_TRAIN),
+                     test_unseen_params=_axes("mu s", *_LOC_SCALE_TEST),
+                     selected=_rows("mu s", (3.5, 3))),
+    "pareto": dict(train=_axes("alpha xm", (2, 2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5), log(0.5, 2, 11)),
+                   test_unseen_params=_axes("alpha xm", (5.5, 6, 6.5, 7, 8), log(2.5, 4, 6)),
+                   selected=_rows("alpha xm", (6.5, 3.5))),
+    "hypergeometric": dict(train=_axes("M N success_fraction", (30, 50, 80), (5, 10, 15), (0.2, 0.35, 0.5, 0.65, 0.8)),
+                           test_unseen_params=_axes("M N success_fraction", (100, 120), (20, 25), (0.2, 0.5, 0.8)),
+                           selected=_rows("M N success_fraction", (100, 20, 0.5))),
+    "gumbel": dict(train=_axes("mu beta", *_LOC_SCALE_TRAIN),
+                   test_unseen_params=_axes("mu beta", *_LOC_SCALE_TEST),
+                   selected=_rows("mu beta", (3.5, 3))),
+    "skellam": dict(train=_axes("mu1 mu2", log(1, 8, 11), log(1, 8, 11)),
+                    test_unseen_params=_axes("mu1 mu2", log(8.5, 12, 6), log(8.5, 12, 6)),
+                    selected=_rows("mu1 mu2", (10.5, 10.5))),
+    "beta_binomial": dict(train=_axes("n alpha beta", (10, 20, 30), log(0.5, 5, 5), log(0.5, 5, 5)),
+                          test_unseen_params=_axes("n alpha beta", (40, 50), log(5.5, 8, 3), log(5.5, 8, 3)),
+                          selected=_rows("n alpha beta", (40, 6.5, 6.5))),
+    "lomax": dict(train=_axes("alpha lambda", log(1.5, 4, 11), log(0.5, 3, 11)),
+                  test_unseen_params=_axes("alpha lambda", log(4.5, 7, 6), log(3.5, 5, 6)),
+                  selected=_rows("alpha lambda", (6, 4.5))),
+    "inverse_gaussian": dict(train=_axes("mu lambda", log(0.5, 3, 11), log(0.5, 5, 11)),
+                             test_unseen_params=_axes("mu lambda", log(3.5, 6, 6), log(5.5, 8, 6)),
+                             selected=_rows("mu lambda", (5, 7))),
+    # held-out families: an ood grid and ood_selected rows
+    "bernoulli": dict(ood=_axes("p", (0.1, 0.3, 0.5, 0.7, 0.9)), ood_selected=_rows("p", 0.1, 0.5, 0.9)),
+    "poisson": dict(ood=_axes("lambda", log(1, 12, 17)), ood_selected=_rows("lambda", 1, 4, 12)),
+    "maxwell": dict(ood=_axes("scale", (0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5)), ood_selected=_rows("scale", 0.75, 1.5, 2.5)),
+    "truncnorm": dict(ood=_axes("mu sigma lower upper", (0, 1), (1, 1.5), (-2, -1), (1, 2)),
+                      ood_selected=_rows("mu sigma lower upper", (0, 1, -1, 1), (0, 1, -2, 2), (1, 1.5, -1, 2))),
+    "weibull": dict(ood=_axes("k lambda", log(0.5, 3, 6), log(0.5, 3, 6)),
+                    ood_selected=_rows("k lambda", (0.5, 0.5), (1.5, 1.5), (3, 3))),
+    "chi": dict(ood=_axes("df", (1.5, 2, 3, 4, 5, 7, 10, 14, 20)), ood_selected=_rows("df", 2, 5, 10)),
+}
+
+
+def grid_point_to_params(family_id: str, point: Mapping[str, float]) -> dict[str, float | int]:
+    """Map a grid point (grid parameterization) to validated prompt parameters, prompt order."""
+    family = get_family(family_id)
+    p = dict(point)
+    if family.id == "uniform":
+        p = {"a": p["a"], "b": clean_number(p["a"] + p["width"])}
+    elif family.id == "triangular":
+        a, width, mf = p["a"], p["width"], p["mode_fraction"]
+        p = {"a": a, "c": clean_number(a + width * mf), "b": clean_number(a + width)}
+    elif family.id == "hypergeometric":
+        M = int(round(p["M"]))
+        p = {"M": M, "K": int(round(M * p["success_fraction"])), "N": min(int(round(p["N"])), M)}
+    return family.validate(p)

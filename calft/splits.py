@@ -1,0 +1,103 @@
+"""Prompt splits (SPEC.md section 2): which (family, parameters) pairs each split holds.
+
+    train               24 training families, cartesian grid, evenly subsampled to 121 per family
+    test_unseen_params  same families, disjoint parameter ranges, at most 36 per family
+    test_selected       one headline row per training family (24)
+    test_ood_family     the 6 held-out families on their ood grids
+    ood_selected        3 headline rows per held-out family (18)
+
+Even subsampling keeps the grid points at indices round(linspace(0, n-1, max_specs)) of the
+cartesian order (first axis slowest), so the first and last grid points always stay.
+Everything is deterministic: no random numbers are involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from calft.families import FAMILIES, GRIDS, get_family, grid_point_to_params
+
+SPLITS = ("train", "test_unseen_params", "test_selected", "test_ood_family", "ood_selected")
+
+# split -> (key in calft.families.GRIDS, default max_specs per family, held-out families?)
+_SPLIT_SOURCES = {
+    "train": ("train", 121, False),
+    "test_unseen_params": ("test_unseen_params", 36, False),
+    "test_selected": ("selected", None, False),
+    "test_ood_family": ("ood", None, True),
+    "ood_selected": ("ood_selected", None, True),
+}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt: a family id and its prompt parameters as (name, value) pairs in prompt order."""
+
+    family_id: str
+    params: tuple[tuple[str, float | int], ...]
+
+    @classmethod
+    def make(cls, family_id: str, params: Mapping[str, float]) -> "PromptSpec":
+        """Validate `params` (prompt parameterization) and build the spec."""
+        return cls(get_family(family_id).id, tuple(get_family(family_id).validate(params).items()))
+
+    @property
+    def params_dict(self) -> dict[str, float | int]:
+        return dict(self.params)
+
+    def __str__(self) -> str:
+        from calft.prompts import format_number
+
+        return f"{self.family_id}(" + ", ".join(f"{k}={format_number(v)}" for k, v in self.params) + ")"
+
+
+def even_indices(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when k >= n): round(i*(n-1)/(k-1)).
+
+    Integer arithmetic (round half up), so the result never depends on float rounding.
+    """
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    if k == 1:
+        return [(n - 1) // 2]
+    return [(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+
+
+def get_split(
+    name: str, *, families: Iterable[str] | None = None, max_specs: int | None = None
+) -> list[PromptSpec]:
+    """The prompt specs of split `name`, family by family in SPEC order, grid order within.
+
+    families: restrict to these family ids (must belong to the split: training families for
+        train/test_unseen_params/test_selected, held-out ones for test_ood_family/ood_selected).
+    max_specs: cap per family (default: 121 for train, 36 for test_unseen_params, none otherwise);
+        larger grids are subsampled evenly by index.
+    """
+    if name not in _SPLIT_SOURCES:
+        raise ValueError(f"unknown split {name!r}; known splits: {', '.join(SPLITS)}")
+    grid_key, default_cap, held_out = _SPLIT_SOURCES[name]
+    cap = default_cap if max_specs is None else max_specs
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_specs must be a positive integer or None, got {max_specs!r}")
+    members = [fid for fid, fam in FAMILIES.items() if fam.held_out == held_out]
+    if families is None:
+        chosen = members
+    else:
+        if isinstance(families, str):
+            families = [families]
+        wanted = {get_family(f).id for f in families}
+        outside = sorted(wanted.difference(members))
+        if outside:
+            kind = "held-out" if held_out else "training"
+            raise ValueError(f"split {name!r} holds only {kind} families; not in it: {', '.join(outside)}")
+        chosen = [fid for fid in members if fid in wanted]
+    specs: list[PromptSpec] = []
+    for fid in chosen:
+        points = GRIDS[fid][grid_key].points()
+        keep = even_indices(len(points), cap) if cap is not None else range(len(points))
+        for i in keep:
+            specs.append(PromptSpec(fid, tuple(grid_point_to_params(fid, points[i]).items())))
+    return specs

@@ -1,0 +1,1 @@
+#include "trie.h"

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `calft.kernels`. One kernel family per file."""

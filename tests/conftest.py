@@ -1,0 +1,49 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before any Triton kernel is decorated, so the
+kernels run on CPU tensors (numpy speed): this file is imported before every test module."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2-135M-Instruct tokenizer (converted from GGUF on first use, then cached)."""
+    from calft.models import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny random LlamaForCausalLM (tied embeddings) and its tokenizer."""
+    from tiny import make_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from calft.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
