@@ -107,7 +107,7 @@ class Family:
     integer_only: bool
     held_out: bool
     params: tuple[Param, ...] = field(repr=False, compare=False)
-    make: Callable[..., object] = field(repr=False, compare=False)  # scipy frozen dist from params
+    scipy: Callable[..., tuple] = field(repr=False, compare=False)  # params -> (dist, args, kwds)
     # cross-parameter constraints: (params dict) -> error text or None
     check: Callable[[dict], str | None] | None = field(default=None, repr=False, compare=False)
 
@@ -151,7 +151,12 @@ class Family:
 
     def frozen(self, params: Mapping[str, float]):
         """The scipy frozen distribution for these (validated) prompt parameters."""
-        return self.make(**self.validate(params))
+        dist, args, kwds = self.scipy(**self.validate(params))
+        return dist(*args, **kwds)
+
+    def light_frozen(self, params: Mapping[str, float]) -> "LightFrozen":
+        """Like `frozen`, ~0.5 ms cheaper: what `calft.support` uses for thousands of prompts."""
+        return LightFrozen(*self.scipy(**self.validate(params)))
 
     def support_bounds(self, params: Mapping[str, float]) -> tuple[float, float]:
         """(lo, hi) of the support as floats; -inf/inf where unbounded (geometric: (1, inf))."""
@@ -162,6 +167,46 @@ class Family:
         """True (mean, variance) from scipy; inf or nan where the moment does not exist (Cauchy)."""
         mean, var = self.frozen(params).stats(moments="mv")
         return float(mean), float(var)
+
+
+class LightFrozen:
+    """Frozen-distribution stand-in: `method(x)` -> `dist.method(x, *args, **kwds)`.
+
+    scipy's `rv_frozen` forwards its calls exactly this way, so the numbers are identical; but
+    its constructor re-instantiates the distribution class and re-renders its docstring (~0.5 ms,
+    a third of building a support). Only the methods the discretizer needs are here.
+    """
+
+    __slots__ = ("dist", "args", "kwds")
+
+    def __init__(self, dist, args: tuple, kwds: dict):
+        self.dist, self.args, self.kwds = dist, args, kwds
+
+    def cdf(self, x):
+        return self.dist.cdf(x, *self.args, **self.kwds)
+
+    def sf(self, x):
+        return self.dist.sf(x, *self.args, **self.kwds)
+
+    def ppf(self, q):
+        return self.dist.ppf(q, *self.args, **self.kwds)
+
+    def pmf(self, k):
+        return self.dist.pmf(k, *self.args, **self.kwds)
+
+    def logpmf(self, k):
+        return self.dist.logpmf(k, *self.args, **self.kwds)
+
+    def pdf(self, x):
+        return self.dist.pdf(x, *self.args, **self.kwds)
+
+    def support(self):
+        return self.dist.support(*self.args, **self.kwds)
+
+
+def _call(dist, *args, **kwds) -> tuple:
+    """Record a scipy distribution call (dist, args, kwds) without freezing it."""
+    return dist, args, kwds
 
 
 def _ordered(name_a: str, name_b: str) -> Callable[[dict], str | None]:
@@ -195,71 +240,71 @@ def _check_hypergeometric(p: dict) -> str | None:
 # SPEC.md section 2 table, in SPEC order. (id, display, tier, params, integer, held_out, scipy, check)
 _TABLE = [
     ("uniform", "Uniform", "I", (_real("a"), _real("b")), False, False,
-     lambda a, b: stats.uniform(loc=a, scale=b - a), _ordered("a", "b")),
+     lambda a, b: _call(stats.uniform, loc=a, scale=b - a), _ordered("a", "b")),
     ("gaussian", "Gaussian", "I", (_real("mu"), _pos("sigma")), False, False,
-     lambda mu, sigma: stats.norm(mu, sigma), None),
+     lambda mu, sigma: _call(stats.norm, mu, sigma), None),
     ("bernoulli", "Bernoulli", "I", (_prob("p"),), True, True,
-     lambda p: stats.bernoulli(p), None),
+     lambda p: _call(stats.bernoulli, p), None),
     ("beta", "Beta", "II", (_pos("alpha"), _pos("beta")), False, False,
-     lambda alpha, beta: stats.beta(alpha, beta), None),
+     lambda alpha, beta: _call(stats.beta, alpha, beta), None),
     ("binomial", "Binomial", "II", (_count("n", 0), _prob("p")), True, False,
-     lambda n, p: stats.binom(n, p), None),
+     lambda n, p: _call(stats.binom, n, p), None),
     ("poisson", "Poisson", "II", (_pos("lambda"),), True, True,
-     lambda **k: stats.poisson(k["lambda"]), None),
+     lambda **k: _call(stats.poisson, k["lambda"]), None),
     ("exponential", "Exponential", "II", (_pos("lambda"),), False, False,
-     lambda **k: stats.expon(scale=1.0 / k["lambda"]), None),
+     lambda **k: _call(stats.expon, scale=1.0 / k["lambda"]), None),
     ("geometric", "Geometric", "II", (_prob("p", zero=False),), True, False,
-     lambda p: stats.geom(p), None),
+     lambda p: _call(stats.geom, p), None),
     ("negative_binomial", "Negative Binomial", "II", (_count("r", 1), _prob("p", zero=False)), True, False,
-     lambda r, p: stats.nbinom(r, p), None),
+     lambda r, p: _call(stats.nbinom, r, p), None),
     ("lognormal", "LogNormal", "II", (_real("mu"), _pos("sigma")), False, False,
-     lambda mu, sigma: stats.lognorm(s=sigma, scale=math.exp(mu)), None),
+     lambda mu, sigma: _call(stats.lognorm, s=sigma, scale=math.exp(mu)), None),
     ("triangular", "Triangular", "II", (_real("a"), _real("c"), _real("b")), False, False,
-     lambda a, c, b: stats.triang(c=(c - a) / (b - a), loc=a, scale=b - a), _check_triangular),
+     lambda a, c, b: _call(stats.triang, c=(c - a) / (b - a), loc=a, scale=b - a), _check_triangular),
     ("rayleigh", "Rayleigh", "II", (_pos("sigma"),), False, False,
-     lambda sigma: stats.rayleigh(scale=sigma), None),
+     lambda sigma: _call(stats.rayleigh, scale=sigma), None),
     ("maxwell", "Maxwell", "II", (_pos("scale"),), False, True,
-     lambda scale: stats.maxwell(scale=scale), None),
+     lambda scale: _call(stats.maxwell, scale=scale), None),
     ("truncnorm", "TruncNorm", "II", (_real("mu"), _pos("sigma"), _real("lower"), _real("upper")), False, True,
-     lambda mu, sigma, lower, upper: stats.truncnorm((lower - mu) / sigma, (upper - mu) / sigma, loc=mu, scale=sigma),
+     lambda mu, sigma, lower, upper: _call(stats.truncnorm, (lower - mu) / sigma, (upper - mu) / sigma, loc=mu, scale=sigma),
      _ordered("lower", "upper")),
     ("cauchy", "Cauchy", "III", (_real("x0"), _pos("gamma")), False, False,
-     lambda x0, gamma: stats.cauchy(x0, gamma), None),
+     lambda x0, gamma: _call(stats.cauchy, x0, gamma), None),
     ("student_t", "Student's t", "III", (_pos("nu"),), False, False,
-     lambda nu: stats.t(nu), None),
+     lambda nu: _call(stats.t, nu), None),
     ("chi_square", "Chi-Square", "III", (_pos("nu"),), False, False,
-     lambda nu: stats.chi2(nu), None),
+     lambda nu: _call(stats.chi2, nu), None),
     ("f_distribution", "F-Distribution", "III", (_pos("d1"), _pos("d2")), False, False,
-     lambda d1, d2: stats.f(d1, d2), None),
+     lambda d1, d2: _call(stats.f, d1, d2), None),
     ("gamma", "Gamma", "III", (_pos("alpha"), _pos("beta")), False, False,
-     lambda alpha, beta: stats.gamma(alpha, scale=beta), None),
+     lambda alpha, beta: _call(stats.gamma, alpha, scale=beta), None),
     ("weibull", "Weibull", "III", (_pos("k"), _pos("lambda")), False, True,
-     lambda **k: stats.weibull_min(k["k"], scale=k["lambda"]), None),
+     lambda **k: _call(stats.weibull_min, k["k"], scale=k["lambda"]), None),
     ("laplace", "Laplace", "III", (_real("mu"), _pos("b")), False, False,
-     lambda mu, b: stats.laplace(mu, b), None),
+     lambda mu, b: _call(stats.laplace, mu, b), None),
     ("logistic", "Logistic", "III", (_real("mu"), _pos("s")), False, False,
-     lambda mu, s: stats.logistic(mu, s), None),
+     lambda mu, s: _call(stats.logistic, mu, s), None),
     ("pareto", "Pareto", "III", (_pos("alpha"), _pos("xm")), False, False,
-     lambda alpha, xm: stats.pareto(alpha, scale=xm), None),
+     lambda alpha, xm: _call(stats.pareto, alpha, scale=xm), None),
     ("hypergeometric", "Hypergeometric", "III", (_count("M", 1), _count("K", 0), _count("N", 0)), True, False,
-     lambda M, K, N: stats.hypergeom(M, K, N), _check_hypergeometric),
+     lambda M, K, N: _call(stats.hypergeom, M, K, N), _check_hypergeometric),
     ("gumbel", "Gumbel", "III", (_real("mu"), _pos("beta")), False, False,
-     lambda mu, beta: stats.gumbel_r(mu, beta), None),
+     lambda mu, beta: _call(stats.gumbel_r, mu, beta), None),
     ("skellam", "Skellam", "III", (_pos("mu1"), _pos("mu2")), True, False,
-     lambda mu1, mu2: stats.skellam(mu1, mu2), None),
+     lambda mu1, mu2: _call(stats.skellam, mu1, mu2), None),
     ("beta_binomial", "Beta-Binomial", "III", (_count("n", 0), _pos("alpha"), _pos("beta")), True, False,
-     lambda n, alpha, beta: stats.betabinom(n, alpha, beta), None),
+     lambda n, alpha, beta: _call(stats.betabinom, n, alpha, beta), None),
     ("lomax", "Lomax", "III", (_pos("alpha"), _pos("lambda")), False, False,
-     lambda **k: stats.lomax(k["alpha"], scale=k["lambda"]), None),
+     lambda **k: _call(stats.lomax, k["alpha"], scale=k["lambda"]), None),
     ("inverse_gaussian", "Inverse Gaussian", "III", (_pos("mu"), _pos("lambda")), False, False,
-     lambda **k: stats.invgauss(k["mu"] / k["lambda"], scale=k["lambda"]), None),
+     lambda **k: _call(stats.invgauss, k["mu"] / k["lambda"], scale=k["lambda"]), None),
     ("chi", "Chi", "III", (_pos("df"),), False, True,
-     lambda df: stats.chi(df), None),
+     lambda df: _call(stats.chi, df), None),
 ]
 
 FAMILIES: dict[str, Family] = {
-    fid: Family(fid, display, tier, tuple(p.name for p in params), integer, held_out, params, make, check)
-    for fid, display, tier, params, integer, held_out, make, check in _TABLE
+    fid: Family(fid, display, tier, tuple(p.name for p in params), integer, held_out, params, scipy, check)
+    for fid, display, tier, params, integer, held_out, scipy, check in _TABLE
 }
 TRAIN_FAMILY_IDS: tuple[str, ...] = tuple(f.id for f in FAMILIES.values() if not f.held_out)
 HELD_OUT_FAMILY_IDS: tuple[str, ...] = tuple(f.id for f in FAMILIES.values() if f.held_out)

@@ -89,9 +89,20 @@ def render_chat(tokenizer, text: str) -> str:
 
 
 def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts (`add_special_tokens=False`).
+
+    Fast tokenizers go straight to the Rust backend's batch encoder: ~12 us per short string
+    instead of ~80 us through `tokenizer(...)`, which builds Python BatchEncoding objects (1001
+    support strings: 12 ms vs 82 ms for SmolLM2). Same ids; tests compare both paths.
+    """
+    texts = list(texts)
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [enc.ids for enc in encode(texts, add_special_tokens=False)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def prompt_token_ids(tokenizer, text: str) -> list[int]:
@@ -128,30 +139,61 @@ class TokenizationMismatch:
         return f"{self.value!r}: from token {i}, expected {list(exp)} but in context got {list(got)}"
 
 
+def _special_strings(tokenizer) -> list[str]:
+    """Text of every special (added) token: the tokenizer splits the input at these first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return [t for t in found if t]
+
+
+def _split_at_last_special(tokenizer, rendered_prompt: str) -> int:
+    """Start of the last special-token occurrence in the prompt (0 when there is none)."""
+    starts = [rendered_prompt.rfind(t) for t in _special_strings(tokenizer)]
+    return max([0] + [i for i in starts if i > 0])
+
+
 def check_in_context_tokenization(
-    tokenizer, rendered_prompt: str, values: Sequence[str]
+    tokenizer, rendered_prompt: str, values: Sequence[str], *, full: bool = False
 ) -> list[TokenizationMismatch]:
     """All support strings s with tokens(prompt + s) != tokens(prompt) + tokens(s).
 
     `rendered_prompt` is the chat-rendered text (`render_chat`). Empty list = all consistent.
+
+    Fast path (full=False): HF tokenizers cut the text at special tokens first and tokenize the
+    pieces independently, so with the prompt split as head + tail at the start of its last
+    special token, tokens(prompt + s) = tokens(head) + tokens(tail + s). Only the short
+    tail + s is tokenized per value (~40x less work for a chat prompt). The split is used only
+    after checking tokens(prompt) == tokens(head) + tokens(tail); otherwise, or with full=True,
+    every prompt + s is tokenized whole. The reported token lists are always whole-prompt ones.
     """
     values = list(values)
     prompt_ids = tuple(tokenizer.encode(rendered_prompt, add_special_tokens=False))
+    cut = 0 if full else _split_at_last_special(tokenizer, rendered_prompt)
+    head_ids: tuple[int, ...] = ()
+    if cut > 0:
+        head_ids = tuple(tokenizer.encode(rendered_prompt[:cut], add_special_tokens=False))
+        tail_ids = tuple(tokenizer.encode(rendered_prompt[cut:], add_special_tokens=False))
+        if head_ids + tail_ids != prompt_ids:  # the tokenizer does not split there: check whole
+            cut, head_ids = 0, ()
+    tail = rendered_prompt[cut:]
     alone = _encode_many(tokenizer, values)
-    together = _encode_many(tokenizer, [rendered_prompt + v for v in values])
+    together = _encode_many(tokenizer, [tail + v for v in values])
     out = []
-    for value, ids, full in zip(values, alone, together):
+    for value, ids, in_context in zip(values, alone, together):
         expected = prompt_ids + tuple(ids)
-        if tuple(full) != expected:
-            out.append(TokenizationMismatch(value, expected, tuple(full)))
+        got = head_ids + tuple(in_context)
+        if got != expected:
+            out.append(TokenizationMismatch(value, expected, got))
     return out
 
 
 def assert_in_context_tokenization(
-    tokenizer, rendered_prompt: str, values: Sequence[str], *, max_report: int = 10
+    tokenizer, rendered_prompt: str, values: Sequence[str], *, max_report: int = 10, full: bool = False
 ) -> None:
     """Raise `ValueError` listing the mismatches of `check_in_context_tokenization`, if any."""
-    mismatches = check_in_context_tokenization(tokenizer, rendered_prompt, values)
+    mismatches = check_in_context_tokenization(tokenizer, rendered_prompt, values, full=full)
     if not mismatches:
         return
     lines = [m.describe(tokenizer) for m in mismatches[:max_report]]

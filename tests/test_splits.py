@@ -1,0 +1,145 @@
+"""calft.splits: sizes, SPEC selected rows, even subsampling, determinism, errors."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from calft.families import HELD_OUT_FAMILY_IDS, TRAIN_FAMILY_IDS
+from calft.prompts import format_number
+from calft.splits import SPLITS, PromptSpec, even_indices, get_split
+
+# SPEC.md section 2, "selected" column and ood_selected, in prompt parameterization
+SELECTED = {
+    "uniform": {"a": 3.5, "b": 10.5},
+    "gaussian": {"mu": 3.5, "sigma": 3},
+    "beta": {"alpha": 7, "beta": 7},
+    "binomial": {"n": 25, "p": 0.5},
+    "exponential": {"lambda": 7},
+    "geometric": {"p": 0.125},
+    "negative_binomial": {"r": 15, "p": 0.15},
+    "lognormal": {"mu": 2.5, "sigma": 2},
+    "triangular": {"a": 2.5, "c": 6, "b": 9.5},
+    "rayleigh": {"sigma": 3},
+    "cauchy": {"x0": 3.5, "gamma": 3},
+    "student_t": {"nu": 16},
+    "chi_square": {"nu": 32},
+    "f_distribution": {"d1": 12, "d2": 24},
+    "gamma": {"alpha": 7, "beta": 7},
+    "laplace": {"mu": 3.5, "b": 3},
+    "logistic": {"mu": 3.5, "s": 3},
+    "pareto": {"alpha": 6.5, "xm": 3.5},
+    "hypergeometric": {"M": 100, "K": 50, "N": 20},
+    "gumbel": {"mu": 3.5, "beta": 3},
+    "skellam": {"mu1": 10.5, "mu2": 10.5},
+    "beta_binomial": {"n": 40, "alpha": 6.5, "beta": 6.5},
+    "lomax": {"alpha": 6, "lambda": 4.5},
+    "inverse_gaussian": {"mu": 5, "lambda": 7},
+}
+OOD_SELECTED = [
+    ("bernoulli", {"p": 0.1}), ("bernoulli", {"p": 0.5}), ("bernoulli", {"p": 0.9}),
+    ("poisson", {"lambda": 1}), ("poisson", {"lambda": 4}), ("poisson", {"lambda": 12}),
+    ("maxwell", {"scale": 0.75}), ("maxwell", {"scale": 1.5}), ("maxwell", {"scale": 2.5}),
+    ("truncnorm", {"mu": 0, "sigma": 1, "lower": -1, "upper": 1}),
+    ("truncnorm", {"mu": 0, "sigma": 1, "lower": -2, "upper": 2}),
+    ("truncnorm", {"mu": 1, "sigma": 1.5, "lower": -1, "upper": 2}),
+    ("weibull", {"k": 0.5, "lambda": 0.5}), ("weibull", {"k": 1.5, "lambda": 1.5}), ("weibull", {"k": 3, "lambda": 3}),
+    ("chi", {"df": 2}), ("chi", {"df": 5}), ("chi", {"df": 10}),
+]
+
+TRAIN_SIZES = {  # cartesian grid sizes, capped at 121 (triangular: 5*5*5 = 125 -> 121)
+    "uniform": 121, "gaussian": 121, "beta": 121, "binomial": 44, "exponential": 25, "geometric": 13,
+    "negative_binomial": 44, "lognormal": 121, "triangular": 121, "rayleigh": 25, "cauchy": 121,
+    "student_t": 12, "chi_square": 13, "f_distribution": 16, "gamma": 121, "laplace": 121, "logistic": 121,
+    "pareto": 99, "hypergeometric": 45, "gumbel": 121, "skellam": 121, "beta_binomial": 75, "lomax": 121,
+    "inverse_gaussian": 121,
+}
+
+
+def _counts(specs):
+    return dict(collections.Counter(s.family_id for s in specs))
+
+
+def test_split_sizes():
+    sizes = {name: len(get_split(name)) for name in SPLITS}
+    # SPEC says "about 1988" for train: that counts triangular's 125 points uncapped
+    assert sizes == {"train": 1984, "test_unseen_params": 591, "test_selected": 24,
+                     "test_ood_family": 92, "ood_selected": 18}
+    assert _counts(get_split("train")) == TRAIN_SIZES
+    assert _counts(get_split("test_ood_family")) == {
+        "bernoulli": 5, "poisson": 17, "maxwell": 9, "truncnorm": 16, "weibull": 36, "chi": 9,
+    }
+    unseen = _counts(get_split("test_unseen_params"))
+    assert max(unseen.values()) == 36 and unseen["triangular"] == 27 and unseen["beta_binomial"] == 18
+
+
+def test_selected_rows_match_spec():
+    got = {s.family_id: s.params_dict for s in get_split("test_selected")}
+    assert list(got) == list(TRAIN_FAMILY_IDS)
+    assert got == SELECTED
+    assert [(s.family_id, s.params_dict) for s in get_split("ood_selected")] == OOD_SELECTED
+
+
+def test_family_membership_and_order():
+    for name in ("train", "test_unseen_params", "test_selected"):
+        assert list(dict.fromkeys(s.family_id for s in get_split(name))) == list(TRAIN_FAMILY_IDS)
+    for name in ("test_ood_family", "ood_selected"):
+        assert list(dict.fromkeys(s.family_id for s in get_split(name))) == list(HELD_OUT_FAMILY_IDS)
+
+
+def test_deterministic_and_unique():
+    for name in SPLITS:
+        a, b = get_split(name), get_split(name)
+        assert a == b and len(set(a)) == len(a)
+    assert not set(get_split("train")) & set(get_split("test_unseen_params"))
+
+
+def test_even_indices_against_linspace():
+    for n, k in [(125, 121), (121, 121), (10, 3), (1000, 7), (36, 36), (5, 10), (7, 2), (9, 1)]:
+        idx = even_indices(n, k)
+        if k >= n:
+            assert idx == list(range(n))
+            continue
+        want = np.floor(np.linspace(0, n - 1, k) + 0.5).astype(int).tolist() if k > 1 else [(n - 1) // 2]
+        assert idx == want, (n, k)
+        assert len(set(idx)) == len(idx)
+
+
+def test_triangular_subsample_keeps_ends():
+    tri = get_split("train", families=["triangular"])
+    assert len(tri) == 121
+    assert tri[0].params_dict == {"a": -3.0, "c": -2.9, "b": -2.0}  # a=-3, width=1, mf=.1
+    assert tri[-1].params_dict == {"a": 1.0, "c": 5.5, "b": 6.0}  # a=1, width=5, mf=.9
+
+
+def test_families_filter_and_max_specs():
+    specs = get_split("train", families=["gamma", "beta"], max_specs=10)
+    assert _counts(specs) == {"beta": 10, "gamma": 10}  # SPEC order, not request order
+    assert [s.family_id for s in specs][:1] == ["beta"]
+    assert get_split("train", families="beta", max_specs=1)[0].params_dict == {"alpha": 1.581, "beta": 1.581}
+    assert len(get_split("test_ood_family", families=["chi"], max_specs=4)) == 4
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="unknown split 'trian'"):
+        get_split("trian")
+    with pytest.raises(ValueError, match="holds only training families; not in it: poisson"):
+        get_split("train", families=["poisson"])
+    with pytest.raises(ValueError, match="holds only held-out families"):
+        get_split("ood_selected", families=["gaussian"])
+    with pytest.raises(ValueError, match="did you mean 'gaussian'"):
+        get_split("train", families=["gausian"])
+    with pytest.raises(ValueError, match="max_specs"):
+        get_split("train", max_specs=0)
+
+
+def test_prompt_spec_is_hashable_and_prints_exact_values():
+    spec = PromptSpec.make("binomial", {"p": 0.5, "n": 25.0})
+    assert spec == PromptSpec("binomial", (("n", 25), ("p", 0.5)))
+    assert hash(spec) == hash(PromptSpec("binomial", (("n", 25), ("p", 0.5))))
+    assert str(spec) == "binomial(n=25, p=0.5)"
+    # every parameter of every split prints exactly (the prompt describes the target exactly)
+    for name in SPLITS:
+        for s in get_split(name):
+            for key, value in s.params:
+                assert float(format_number(value)) == value, (s, key)
