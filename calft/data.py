@@ -1,0 +1,628 @@
+"""Prepared data: (tokenizer, data settings, prompt specs) -> what training needs per prompt.
+
+    spec -> prompt text -> chat-rendered prompt -> prompt_ids
+         -> support (canonical strings, float64 probs) -> answer tokens (each string alone)
+         -> trie over answer tokens + EOS (one calft.trie.build_tries call for all prompts)
+
+Everything is cached on disk, keyed by a hash of the tokenizer (vocabulary, merges, chat
+template, EOS), the settings, the specs, the calft version and the source of the modules that
+define the data. The file holds concatenated arrays + offsets in the safetensors layout and is
+memory-mapped on load, so a second run only rebuilds the Python objects (~0.5 s for the train
+split) while the big arrays stay on the page cache.
+
+Tokenizing ~1.65M support strings (train split, 5 decimals, 1001 bins) one by one with a fast
+HF tokenizer costs ~10 us each, ~20 s, and the in-context check of SPEC.md section 4 doubles
+that. `tokenize_values` / `_assert_in_context` do it piecewise instead, with the same result:
+  1. A fast tokenizer encodes a string as concat(model(piece) for piece in pre_tokenize(
+     normalize(s))), the model running on each pre-token independently.
+  2. Support strings hold only digits and a few other ASCII characters ('-', '.'). Group them
+     by skeleton (every digit replaced by '0'); the pre-tokenizer's cut points are taken from
+     the skeleton (it splits by character class; checked below).
+  3. Each piece is tokenized once (memo). For a BPE model whose vocabulary has no token made of
+     two or more digits (SmolLM2, Qwen, Gemma), an all-digit piece is exactly one token per
+     digit: a merge inside it would create such a token. Otherwise pieces go to the model.
+  4. In-context check, for every support string s: the prompt ends with a special token
+     followed by a tail (e.g. "assistant\\n"); HF cuts the text at special tokens first, so
+     tokens(prompt + s) = tokens(head) + tokens(tail + s). That equals tokens(prompt) + tokens(s)
+     whenever pre_tokenize(tail + K) = pre_tokenize(tail) + pre_tokenize(K) (K = skeleton of s),
+     checked once per (tail, skeleton) pair, and tokens(prompt) ends with tokens(tail), checked
+     per prompt. Pairs that fail are checked string by string (calft.prompts).
+Every assumption is verified where it is used, and spot checks compare against the tokenizer
+itself (~4000 evenly spaced strings and the first of each skeleton; the whole prompt + string
+for 3 strings per (tail, skeleton) pair); any failure falls back to the exact per-string path.
+Train split, SmolLM2: ~1 s instead of ~60 s, identical tokens for all 1.65M strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import calft
+from calft.splits import PromptSpec, get_split
+from calft.support import Support, build_support
+from calft.trie import Trie, build_tries_arrays, split_tries
+
+CACHE_FORMAT = 1  # bump when the file layout changes
+_SOURCES = ("families.py", "support.py", "prompts.py", "trie.py", "data.py")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How supports are discretized (SPEC.md section 3); defaults = the paper's soft recipe."""
+
+    num_decimals: int = 5
+    max_bins: int = 1001
+    quantile_low: float = 0.001
+    quantile_high: float = 0.999
+    tail_policy: str = "clip_to_edge_bin"
+
+
+class TokenSequences(Sequence):
+    """Read-only list of int64 token arrays stored as flat tokens + offsets (no per-item objects).
+
+    seqs[i] is a view tokens[offsets[i]:offsets[i+1]]; len(), iteration and slicing work as for
+    a list (list(seqs) gives a real list of arrays).
+    """
+
+    __slots__ = ("tokens", "offsets")
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.tokens.setflags(write=False)
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return TokenSequences(self.tokens, self.offsets[start:stop + 1])
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} sequences")
+        i = i % n
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __repr__(self) -> str:
+        return f"TokenSequences({len(self)} sequences, {self.tokens.shape[0]} tokens)"
+
+
+@dataclass
+class PreparedPrompt:
+    """One prompt, ready for training and exact evaluation.
+
+    prompt_ids: chat-rendered prompt tokens (add_special_tokens=False). answer_ids[i]: tokens of
+    support.values[i] alone, without EOS. trie: over answer_ids + EOS weighted by support.probs
+    (trie.sequence_leaf[i] / trie.path_nodes(i) refer to support string i).
+    """
+
+    spec: PromptSpec
+    text: str
+    prompt_ids: np.ndarray
+    support: Support
+    answer_ids: TokenSequences
+    trie: Trie
+
+
+def default_cache_dir() -> Path:
+    """$CALFT_CACHE_DIR/prepared, else ~/.cache/calft/prepared (same root as calft.models)."""
+    return Path(os.environ.get("CALFT_CACHE_DIR", Path.home() / ".cache" / "calft")) / "prepared"
+
+
+# ---- cache key ---------------------------------------------------------------------------------
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides tokenization: the backend JSON (vocab, merges, normalizer,
+    pre-tokenizer, added tokens) or the vocabulary, plus chat template and EOS. ~0.1 s for
+    SmolLM2, memoized per tokenizer object (with its size and template re-checked)."""
+    template = str(getattr(tokenizer, "chat_template", None))
+    cheap = (type(tokenizer).__name__, len(tokenizer), template, tokenizer.eos_token_id)
+    try:
+        memo = _FINGERPRINTS.get(tokenizer)
+    except TypeError:
+        memo = None
+    if memo is not None and memo[0] == cheap:
+        return memo[1]
+    h = hashlib.sha256(repr(cheap).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(repr(sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))).encode())
+    digest = h.hexdigest()
+    try:
+        _FINGERPRINTS[tokenizer] = (cheap, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def cache_key(tokenizer, specs: Sequence[PromptSpec], settings: DataSettings) -> str:
+    h = hashlib.sha256()
+    h.update(f"calft {calft.__version__} format {CACHE_FORMAT}\n".encode())
+    here = Path(__file__).parent
+    for name in _SOURCES:  # code changes in the data path invalidate old caches
+        h.update(hashlib.sha256((here / name).read_bytes()).digest())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(json.dumps(asdict(settings)).encode())
+    h.update(json.dumps([[s.family_id, [[k, v] for k, v in s.params]] for s in specs]).encode())
+    return h.hexdigest()[:32]
+
+
+# ---- preparation ---------------------------------------------------------------------------------
+def prepare_split(tokenizer, split: str, settings: DataSettings = DataSettings(), *, families=None,
+                  max_specs: int | None = None, cache_dir=None, progress: bool = True) -> list[PreparedPrompt]:
+    """`prepare_prompts` for the specs of `calft.splits.get_split(split, families, max_specs)`."""
+    specs = get_split(split, families=families, max_specs=max_specs)
+    return prepare_prompts(tokenizer, specs, settings, cache_dir=cache_dir, progress=progress)
+
+
+def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettings = DataSettings(), *,
+                    cache_dir=None, progress: bool = True, full_check: bool = False) -> list[PreparedPrompt]:
+    """Prompt ids, support, answer tokens and trie for every spec (module docstring).
+
+    cache_dir: None = `default_cache_dir()`, False = no cache, else a directory.
+    full_check: tokenize every prompt + support string whole for the in-context check (slow;
+    the default derivation is exact under assumptions that are verified as it goes).
+    Raises ValueError with a readable report when a support string tokenizes differently in
+    context than alone (SPEC.md section 4).
+    """
+    specs = list(specs)
+    if not isinstance(settings, DataSettings):
+        raise ValueError(f"settings must be a calft.data.DataSettings, got {type(settings).__name__}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: every answer ends with EOS")
+    if not specs:
+        return []
+    path = None
+    if cache_dir is not False:
+        folder = Path(default_cache_dir() if cache_dir is None else cache_dir)
+        path = folder / f"{cache_key(tokenizer, specs, settings)}.safetensors"
+        if path.is_file():
+            try:
+                return _load(path, specs)
+            except Exception as err:  # a damaged or foreign file: rebuild it
+                warnings.warn(f"ignoring unreadable prepared-data cache {path}: {err}")
+    arrays = _build(tokenizer, specs, settings, progress=progress, full_check=full_check)
+    if path is not None:
+        _save_atomic(path, arrays)
+    return _unpack(arrays, specs)
+
+
+def _build(tokenizer, specs, settings, *, progress: bool, full_check: bool) -> dict[str, np.ndarray]:
+    """All prepared data of `specs` as flat arrays (the cache layout; `_unpack` makes objects)."""
+    from tqdm.auto import tqdm
+
+    from calft.prompts import prompt_text, render_chat
+
+    kw = asdict(settings)
+    supports = []
+    for spec in tqdm(specs, desc="supports", unit="prompt", disable=not progress, leave=False):
+        supports.append(build_support(spec.family_id, spec.params_dict, **kw))
+    texts = [prompt_text(s.family_id, s.params_dict) for s in specs]
+    rendered = [render_chat(tokenizer, t) for t in texts]
+    prompt_ids, tails = _encode_prompts(tokenizer, rendered)
+    values = [v for s in supports for v in s.values]
+    counts = np.array([len(s.values) for s in supports], dtype=np.int64)
+    skeletons = None if full_check else _Skeletons.of(values)
+    answers, answer_offsets = tokenize_values(tokenizer, values, exact=full_check, skeletons=skeletons)
+    _assert_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, answers, answer_offsets,
+                       full=full_check, skeletons=skeletons)
+
+    group_offsets = np.zeros(len(specs) + 1, dtype=np.int64)
+    np.cumsum(counts, out=group_offsets[1:])
+    probs = np.concatenate([s.probs for s in supports])
+    tries = build_tries_arrays(answers, answer_offsets, probs, group_offsets, eos_id=tokenizer.eos_token_id)
+
+    meta = {
+        "format": CACHE_FORMAT,
+        "supports": [[s.family_id, [[k, v] for k, v in s.params.items()], s.num_decimals, s.integer,
+                      s.lower, s.upper, s.tail_mass] for s in supports],
+    }
+    text_blob = "\x00".join(texts).encode()
+    prompt_offsets = np.zeros(len(specs) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in prompt_ids], out=prompt_offsets[1:])
+    return {
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        "texts": np.frombuffer(text_blob, dtype=np.uint8),
+        "prompt_tokens": np.concatenate([np.asarray(p, dtype=np.int64) for p in prompt_ids]),
+        "prompt_offsets": prompt_offsets,
+        "values": np.frombuffer("\n".join(values).encode(), dtype=np.uint8),
+        "value_counts": counts,
+        "value_probs": probs,
+        "answer_tokens": answers,
+        "answer_offsets": answer_offsets,
+        **{f"trie_{k}": tries[k] for k in ("num_nodes", "row_ptr", "token_ids", "probs", "node_mass",
+                                           "sequence_leaf")},
+    }
+
+
+def _unpack(a: dict[str, np.ndarray], specs: Sequence[PromptSpec]) -> list[PreparedPrompt]:
+    meta = json.loads(a["meta"].tobytes())
+    if meta["format"] != CACHE_FORMAT or len(meta["supports"]) != len(specs):
+        raise ValueError("prepared data does not match the requested specs")
+    texts = a["texts"].tobytes().decode().split("\x00")
+    values = a["values"].tobytes().decode().split("\n")
+    counts = a["value_counts"]
+    value_start = np.zeros(len(specs) + 1, dtype=np.int64)
+    np.cumsum(counts, out=value_start[1:])
+    if len(texts) != len(specs) or len(values) != value_start[-1]:
+        raise ValueError("a prompt text or support string holds a separator character")
+    tries = split_tries({"num_sequences": counts, **{k[5:]: v for k, v in a.items() if k.startswith("trie_")}})
+    answers, answer_offsets = a["answer_tokens"], a["answer_offsets"]
+    prompt_tokens, prompt_offsets, value_probs = a["prompt_tokens"], a["prompt_offsets"], a["value_probs"]
+    out = []
+    for p, spec in enumerate(specs):
+        fid, params, decimals, integer, lower, upper, tail_mass = meta["supports"][p]
+        v0, v1 = int(value_start[p]), int(value_start[p + 1])
+        support = Support(fid, dict(params), decimals, tuple(values[v0:v1]), value_probs[v0:v1].copy(), integer,
+                          lower, upper, tail_mass)
+        out.append(PreparedPrompt(
+            spec=spec,
+            text=texts[p],
+            prompt_ids=prompt_tokens[prompt_offsets[p]:prompt_offsets[p + 1]].copy(),
+            support=support,
+            answer_ids=TokenSequences(answers, answer_offsets[v0:v1 + 1]),
+            trie=tries[p],
+        ))
+    return out
+
+
+# ---- tokenization (module docstring, steps 1-4) --------------------------------------------------
+def _backend(tokenizer):
+    """The Rust `tokenizers.Tokenizer` behind a fast HF tokenizer, else None."""
+    return getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+
+def _encode_prompts(tokenizer, rendered: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
+    """Token ids of each rendered prompt, and its tail: the text after its last special token,
+    when tokens(prompt) verifiably ends with tokens(tail) (None otherwise)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return [np.asarray(tokenizer.encode(r, add_special_tokens=False), dtype=np.int64) for r in rendered], \
+            [None] * len(rendered)
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    tail_ids: dict[str, list[int]] = {}
+    ids_out, tails = [], []
+    for r, enc in zip(rendered, backend.encode_batch(rendered, add_special_tokens=False)):
+        ids = enc.ids
+        ids_out.append(np.asarray(ids, dtype=np.int64))
+        k = next((k for k in range(len(ids) - 1, -1, -1) if ids[k] in special), None)
+        tail = None if k is None else r[enc.offsets[k][1]:]
+        if tail:
+            if tail not in tail_ids:
+                tail_ids[tail] = backend.encode(tail, add_special_tokens=False).ids
+            tail = tail if ids[k + 1:] == tail_ids[tail] else None
+        tails.append(tail or None)
+    return ids_out, tails
+
+
+def _exact_tokenize(tokenizer, values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct string through the tokenizer itself (slow, ~10 us per string)."""
+    from calft.prompts import answer_token_ids
+
+    distinct = list(dict.fromkeys(values))
+    table = dict(zip(distinct, answer_token_ids(tokenizer, distinct)))
+    seqs = [table[v] for v in values]
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in seqs], out=offsets[1:])
+    flat = np.fromiter((t for seq in seqs for t in seq), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
+
+
+class _Skeletons:
+    """Support strings grouped by skeleton (every digit replaced by '0').
+
+    chars: uint8[n, width] NUL-padded ASCII; names[g]: skeleton g; inverse[i]: skeleton of
+    string i; order/bounds: the strings of skeleton g are order[bounds[g]:bounds[g+1]].
+    """
+
+    def __init__(self, chars, names, inverse, order, bounds):
+        self.chars, self.names, self.inverse, self.order, self.bounds = chars, names, inverse, order, bounds
+
+    @classmethod
+    def of(cls, values: list[str]) -> "_Skeletons | None":
+        """None when the strings are not plain ASCII without NULs (then nothing is piecewise)."""
+        try:
+            fixed = np.array(values, dtype=bytes)  # "S<width>", NUL-padded, built in C
+        except UnicodeEncodeError:
+            return None
+        n = len(values)
+        chars = fixed.view(np.uint8).reshape(n, -1) if fixed.dtype.itemsize else np.zeros((n, 1), np.uint8)
+        if np.count_nonzero(chars) != sum(map(len, values)):
+            return None  # a NUL inside a string
+        skel = np.zeros((n, -(-chars.shape[1] // 8) * 8), dtype=np.uint8)
+        skel[:, :chars.shape[1]] = np.where((chars >= 48) & (chars <= 57), 48, chars)
+        # Exact integer key: factorize each 8-byte word (few distinct values), then combine.
+        key = np.zeros(n, dtype=np.int64)
+        for word in skel.view(np.uint64).T:
+            distinct = np.unique(word)
+            key = key * len(distinct) + np.searchsorted(distinct, word)
+        distinct = np.unique(key)
+        inverse = np.searchsorted(distinct, key).astype(np.uint16 if len(distinct) < 2**16 else np.int64)
+        order = np.argsort(inverse, kind="stable")  # radix sort for uint16
+        bounds = np.zeros(len(distinct) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(inverse, minlength=len(distinct)), out=bounds[1:])
+        names = [bytes(skel[i]).rstrip(b"\0").decode() for i in order[bounds[:-1]]]
+        return cls(chars, names, inverse, order, bounds)
+
+
+class _Pieces:
+    """Tokenizes digit strings piecewise (module docstring, steps 2-3); `usable` is False when
+    the tokenizer does not fit the argument."""
+
+    def __init__(self, backend):
+        self.backend, self.memo = backend, {}
+        model, norm, pre = backend.model, backend.normalizer, backend.pre_tokenizer
+        digits = "0123456789"
+        self.usable = (norm is None or norm.normalize_str(digits) == digits) and (
+            pre is None or "".join(t for t, _ in pre.pre_tokenize_str(digits)) == digits)
+        self.digit_lut = None  # byte -> token id, when no BPE merge can join two digits
+        if type(model).__name__ == "BPE" and not model.dropout and not model.continuing_subword_prefix \
+                and not model.end_of_word_suffix:
+            vocab = backend.get_vocab(with_added_tokens=False)
+            if all(d in vocab for d in digits) and not any(len(k) > 1 and k.isascii() and k.isdigit() for k in vocab):
+                self.digit_lut = np.zeros(256, dtype=np.int64)
+                self.digit_lut[48:58] = [vocab[d] for d in digits]
+
+    def splits(self, skeleton: str):
+        """Pre-token cut points of a skeleton, or None if the pieces are not plain substrings."""
+        norm, pre = self.backend.normalizer, self.backend.pre_tokenizer
+        if norm is not None and norm.normalize_str(skeleton) != skeleton:
+            return None
+        pieces = [(skeleton, (0, len(skeleton)))] if pre is None else pre.pre_tokenize_str(skeleton)
+        if any(text != skeleton[a:b] for text, (a, b) in pieces):
+            return None
+        return [(a, b) for _, (a, b) in pieces]
+
+    def tokens(self, piece: str) -> np.ndarray:
+        if piece not in self.memo:
+            self.memo[piece] = np.array([t.id for t in self.backend.model.tokenize(piece)], dtype=np.int64)
+        return self.memo[piece]
+
+    def char_lut(self, names: list[str], cuts) -> np.ndarray | None:
+        """byte -> token id when every piece of every skeleton is one token per character, the
+        token of that character alone (digit-level tokenizers); else None."""
+        if self.digit_lut is None:
+            return None
+        lut = self.digit_lut.copy()
+        for name, pieces in zip(names, cuts):
+            if [i for a, b in pieces for i in range(a, b)] != list(range(len(name))):
+                return None  # the pieces must tile the string (no character dropped or repeated)
+            for a, b in pieces:
+                piece = name[a:b]
+                if set(piece) == {"0"}:
+                    continue
+                if "0" in piece:  # digits share a piece with other characters: merges may differ
+                    return None
+                toks = self.tokens(piece)
+                singles = [self.tokens(c) for c in piece]
+                if len(toks) != len(piece) or any(t.size != 1 or t[0] != k for t, k in zip(singles, toks)):
+                    return None
+                for c, k in zip(piece, toks):
+                    lut[ord(c)] = k
+        return lut
+
+    def piece_tokens(self, sub: np.ndarray, shape: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens int64[m, T], mask bool[m, T] or None = all valid) of one piece column block."""
+        m = sub.shape[0]
+        digit_pos = [j for j, c in enumerate(shape) if c == "0"]
+        if self.digit_lut is not None and len(digit_pos) == len(shape):
+            return self.digit_lut[sub], None  # one token per digit
+        if not digit_pos:  # the same piece in every string
+            return np.broadcast_to(self.tokens(shape), (m, self.tokens(shape).size)), None
+        if len(digit_pos) <= 18:
+            key = ((sub[:, digit_pos] - 48).astype(np.int64) * 10 ** np.arange(len(digit_pos))).sum(1)
+        else:
+            key = np.ascontiguousarray(sub).view(np.dtype((np.void, sub.shape[1]))).ravel()
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        toks = [self.tokens(bytes(sub[i]).decode()) for i in first]
+        lens = np.array([t.size for t in toks], dtype=np.int64)
+        table = np.zeros((len(toks), max(int(lens.max()), 1)), dtype=np.int64)
+        for u, t in enumerate(toks):
+            table[u, :t.size] = t
+        inverse = inverse.reshape(-1)
+        return table[inverse], np.arange(table.shape[1]) < lens[inverse][:, None]
+
+
+def tokenize_values(tokenizer, values: list[str], *, exact: bool = False, skeletons=None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 tokens, offsets int64[n+1]): tokens of each string alone, no special tokens.
+
+    Equal to `calft.prompts.answer_token_ids`; piecewise when the tokenizer allows it (module
+    docstring), with spot checks against the tokenizer, else (or with exact=True) string by string.
+    """
+    values = list(values)
+    backend = _backend(tokenizer)
+    sk = None if exact or backend is None or not values else skeletons or _Skeletons.of(values)
+    pieces = None if sk is None else _Pieces(backend)
+    if pieces is None or not pieces.usable or _added_token_may_occur(backend, sk.names):
+        return _exact_tokenize(tokenizer, values)
+    cuts = [pieces.splits(name) for name in sk.names]
+    if any(c is None for c in cuts):
+        return _exact_tokenize(tokenizer, values)
+    lut = pieces.char_lut(sk.names, cuts)
+    if lut is not None:  # every character is its own token: one lookup, already in input order
+        valid = sk.chars != 0
+        flat = lut[sk.chars[valid]]
+    else:  # general case: one padded matrix, rows in skeleton order, then back in input order
+        flat, valid = _tokenize_grouped(pieces, sk, cuts)
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(valid.sum(1), out=offsets[1:])
+
+    # Spot checks: ~4000 evenly spaced strings and the first string of every skeleton.
+    from calft.prompts import answer_token_ids
+
+    probe = np.unique(np.r_[np.linspace(0, len(values) - 1, min(len(values), 4000)).astype(np.int64),
+                            sk.order[sk.bounds[:-1]]])
+    for i, ids in zip(probe.tolist(), answer_token_ids(tokenizer, [values[i] for i in probe])):
+        if flat[offsets[i]:offsets[i + 1]].tolist() != list(ids):
+            warnings.warn(f"piecewise tokenization of {values[i]!r} differs from the tokenizer's; "
+                          "tokenizing every support string on its own (slow)")
+            return _exact_tokenize(tokenizer, values)
+    return flat, offsets
+
+
+def _tokenize_grouped(pieces: _Pieces, sk: _Skeletons, cuts) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 tokens, valid bool[n, T]) of every string, skeleton group by skeleton group.
+    Masked entries read row by row give each string's tokens in order, holes and all."""
+    blocks, width = [], 1
+    chars = sk.chars[sk.order]
+    for g, name in enumerate(sk.names):
+        block = chars[sk.bounds[g]:sk.bounds[g + 1]]
+        parts = [pieces.piece_tokens(block[:, a:b], name[a:b]) for a, b in cuts[g]]
+        blocks.append(parts)
+        width = max(width, sum(t.shape[1] for t, _ in parts))
+    n = sk.chars.shape[0]
+    small = pieces.backend.get_vocab_size(with_added_tokens=True) < 2**31
+    tokens = np.zeros((n, width), dtype=np.int32 if small else np.int64)
+    valid = np.zeros((n, width), dtype=bool)
+    for g, parts in enumerate(blocks):
+        r0, r1, c = sk.bounds[g], sk.bounds[g + 1], 0
+        for toks, mask in parts:
+            tokens[r0:r1, c:c + toks.shape[1]] = toks
+            valid[r0:r1, c:c + toks.shape[1]] = True if mask is None else mask
+            c += toks.shape[1]
+    unsorted = np.empty_like(sk.order)
+    unsorted[sk.order] = np.arange(n)
+    tokens, valid = tokens[unsorted], valid[unsorted]
+    return tokens[valid].astype(np.int64), valid
+
+
+def _added_token_may_occur(backend, names: list[str]) -> bool:
+    """True if some added token is made only of characters that can occur in the values."""
+    charset = set("".join(names)) | set("0123456789")
+    return any(t.content and set(t.content) <= charset for t in backend.get_added_tokens_decoder().values())
+
+
+def _assert_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, flat, offsets, *, full: bool,
+                       skeletons=None):
+    """SPEC.md section 4: tokens(prompt + s) == tokens(prompt) + tokens(s) for every support
+    string s (module docstring, step 4); ValueError with a readable report otherwise."""
+    from calft.prompts import assert_in_context_tokenization, check_in_context_tokenization
+
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    backend = _backend(tokenizer)
+    sk = None if full or backend is None else skeletons or _Skeletons.of(values)
+    exact: dict[int, list[int]] = {}  # prompt -> value indices to check string by string
+    if sk is None:
+        exact = {p: list(range(starts[p], starts[p + 1])) for p in range(len(rendered))}
+    else:
+        names, inverse = sk.names, sk.inverse
+        pieces, ok, probes = _Pieces(backend), {}, {}
+        for p, tail in enumerate(tails):
+            idx = np.arange(starts[p], starts[p + 1])
+            if tail is None:
+                exact[p] = idx.tolist()
+                continue
+            for g in np.unique(inverse[idx]).tolist():
+                if (tail, g) not in ok:
+                    ok[(tail, g)] = _boundary_is_clean(pieces, tail, names[g])
+                sel = idx[inverse[idx] == g]
+                if not ok[(tail, g)]:
+                    exact.setdefault(p, []).extend(sel.tolist())
+                elif len(probes.setdefault((tail, g), [])) < 3:
+                    probes[(tail, g)].append((p, int(sel[len(sel) // 2])))
+        checks = [pi for found in probes.values() for pi in found]
+        texts = [rendered[p] + values[i] for p, i in checks]
+        for (p, i), enc in zip(checks, backend.encode_batch(texts, add_special_tokens=False)):
+            if enc.ids != prompt_ids[p].tolist() + flat[offsets[i]:offsets[i + 1]].tolist():
+                warnings.warn(f"in-context spot check failed for {values[i]!r}; checking every support "
+                              "string of every prompt on its own (slow)")
+                exact = {p: list(range(starts[p], starts[p + 1])) for p in range(len(rendered))}
+                break
+    failing = []
+    for p, idx in exact.items():
+        if check_in_context_tokenization(tokenizer, rendered[p], [values[i] for i in idx]):
+            failing.append((p, idx))
+    if failing:
+        p, idx = failing[0]
+        try:
+            assert_in_context_tokenization(tokenizer, rendered[p], [values[i] for i in idx])
+        except ValueError as err:
+            raise ValueError(f"{len(failing)} of {len(rendered)} prompts fail the in-context tokenization "
+                             f"check (SPEC.md section 4); the first one (#{p}):\n{err}") from None
+
+
+def _boundary_is_clean(pieces: _Pieces, tail: str, skeleton: str) -> bool:
+    """pre_tokenize(tail + K) == pre_tokenize(tail) + pre_tokenize(K) (shifted), nothing normalized."""
+    norm, pre = pieces.backend.normalizer, pieces.backend.pre_tokenizer
+    if pre is None or pieces.splits(skeleton) is None:
+        return False
+    if norm is not None and (norm.normalize_str(tail + skeleton) != tail + skeleton
+                             or norm.normalize_str(tail) != tail):
+        return False
+    shift = len(tail)
+    expected = pre.pre_tokenize_str(tail) + [(t, (a + shift, b + shift))
+                                             for t, (a, b) in pre.pre_tokenize_str(skeleton)]
+    return pre.pre_tokenize_str(tail + skeleton) == expected
+
+
+# ---- cache file ----------------------------------------------------------------------------------
+# The safetensors layout (8-byte little-endian header size, JSON header with dtype / shape /
+# data_offsets per array and string metadata, then the raw arrays), written by hand so that
+# loading is one mmap: every array is a read-only view, nothing is parsed or copied.
+_DTYPES = {"I64": np.int64, "I32": np.int32, "F64": np.float64, "U8": np.uint8}
+_CODES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
+
+
+def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    meta = arrays["meta"].tobytes().decode()
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k != "meta"}
+    names = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))  # keeps every array aligned
+    header, pos = {}, 0
+    for k in names:
+        header[k] = {"dtype": _CODES[arrays[k].dtype.str], "shape": list(arrays[k].shape),
+                     "data_offsets": [pos, pos + arrays[k].nbytes]}
+        pos += arrays[k].nbytes
+    header["__metadata__"] = {"calft": meta}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for k in names:
+                f.write(memoryview(arrays[k]).cast("B"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path, specs) -> list[PreparedPrompt]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    meta = header.pop("__metadata__")
+    arrays = {}
+    for k, h in header.items():
+        begin, end = h["data_offsets"]
+        dtype = np.dtype(_DTYPES[h["dtype"]])
+        arrays[k] = np.frombuffer(buf, dtype, (end - begin) // dtype.itemsize, 8 + size + begin).reshape(h["shape"])
+    arrays["meta"] = np.frombuffer(meta["calft"].encode(), dtype=np.uint8)
+    return _unpack(arrays, specs)
