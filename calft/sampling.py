@@ -11,7 +11,8 @@ distribution:
     wasserstein_1          = (1/n) sum_i |x_(i) - F^-1((i + 0.5)/n)|,  i = 0..n-1 (sorted x)
     ks_stat, ks_pvalue     = scipy.stats.kstest(x, F)      (continuous families)
     chi2_stat, chi2_pvalue = Pearson chi-square over the cells {k} for k = lo..hi plus the tail
-                             cells (<lo), (>hi) where the true law has mass (integer families)
+                             cells (<lo), (>hi) where the true law has mass (integer families;
+                             lo, hi = the 0.1% and 99.9% quantiles, as in SPEC.md section 3)
 
 Randomness: sample j of a prompt uses its own stream of uniforms, seeded by (seed, prompt key, j)
 through numpy's SeedSequence, and draws each token by inverting the float64 CDF of the model's
@@ -31,9 +32,11 @@ import torch
 from scipy import stats
 
 from calft.families import get_family
+from calft.models import unwrap
 
 # SPEC.md section 8: the whole output (after stripping think blocks) must be this one number.
-NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# re.ASCII: only 0-9 count as digits (Python's float() would also accept e.g. Arabic-Indic digits).
+NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$", flags=re.ASCII)
 THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 INTEGER_TOL = 1e-9  # |x - round(x)| above this makes an integer-family answer non_integer
 BOUND_TOL = 1e-9  # absolute slack on the support bounds (answers are printed, hence rounded)
@@ -51,12 +54,13 @@ QUANTILE_LOW, QUANTILE_HIGH = 0.001, 0.999  # the chi-square integer range, as i
 def parse_output(text: str) -> tuple[str, float | None]:
     """Parse one model output: ("ok", value) or ("empty" | "malformed", None).
 
-    Complete `<think>...</think>` blocks are removed first; surrounding whitespace is ignored.
+    Complete `<think>...</think>` blocks are removed first (each becomes a space); surrounding
+    whitespace is ignored.
     The rest must be exactly one number (NUMBER_RE). An unclosed `<think>` is malformed.
     """
     if not isinstance(text, str):
         raise ValueError(f"parse_output expects a str, got {type(text).__name__}")
-    body = THINK_RE.sub("", text).strip()
+    body = THINK_RE.sub(" ", text).strip()  # a space, so "3<think>..</think>4" cannot read as "34"
     if not body:
         return "empty", None
     if not NUMBER_RE.match(body):
@@ -107,11 +111,13 @@ def wasserstein_to_quantiles(values, dist) -> float:
     return float(np.mean(np.abs(x - q)))
 
 
-def integer_range(dist, lo: float, hi: float) -> tuple[int, int]:
-    """The integer cells of the chi-square test: the support bounds, or the 0.1%/99.9% quantiles."""
-    a = math.floor(lo) if math.isfinite(lo) else math.floor(dist.ppf(QUANTILE_LOW))
-    b = math.ceil(hi) if math.isfinite(hi) else math.ceil(dist.ppf(QUANTILE_HIGH))
-    return int(a), int(b)
+def integer_range(dist) -> tuple[int, int]:
+    """The integer cells of the chi-square test: the 0.1% and 99.9% quantiles (inside the support).
+
+    Quantiles, not the support bounds, even for bounded families: a cell like Binomial(25, .5) at
+    0 (expected 3e-8 n) would let one sample dominate the statistic; the tail cells hold the rest.
+    """
+    return int(math.floor(dist.ppf(QUANTILE_LOW))), int(math.ceil(dist.ppf(QUANTILE_HIGH)))
 
 
 def chi_square_discrete(values, dist, lo: int, hi: int) -> tuple[float, float, int]:
@@ -167,7 +173,7 @@ def sample_metrics(texts, family_id: str, params) -> dict:
     row["wasserstein_1"] = wasserstein_to_quantiles(x, dist)
     row.update(ks_stat=nan, ks_pvalue=nan, chi2_stat=nan, chi2_pvalue=nan, chi2_cells=0)
     if x.size and fam.integer_only:
-        lo, hi = integer_range(dist, *fam.support_bounds(params))
+        lo, hi = integer_range(dist)
         row["chi2_stat"], row["chi2_pvalue"], row["chi2_cells"] = chi_square_discrete(x, dist, lo, hi)
     elif x.size:
         res = stats.kstest(x, dist.cdf)
@@ -185,23 +191,21 @@ def sample_seeds(seed: int, prompt_key: str, num_samples: int) -> list[np.random
     return [np.random.SeedSequence([int(seed), key, j]) for j in range(num_samples)]
 
 
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    """Name of the KV-cache argument of model.forward: recent transformers (5.x) renamed
+    `past_key_values` to `cache` (the old name is deprecated, then removed)."""
     import inspect
 
-    params = inspect.signature(_unwrap(model).forward).parameters
+    params = inspect.signature(unwrap(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 def new_cache(model):
+    """An empty DynamicCache for `model` (through PEFT wrappers)."""
     from transformers import DynamicCache
 
     try:
-        return DynamicCache(config=_unwrap(model).config)
+        return DynamicCache(config=unwrap(model).config)
     except TypeError:  # older transformers: no config argument
         return DynamicCache()
 

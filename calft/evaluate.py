@@ -1,0 +1,367 @@
+"""Exact evaluation: the model's probability of every canonical answer, in one pass over the trie.
+
+Notation (SPEC.md sections 4 and 8). A prompt has a target p over support strings S. Each string s,
+tokenized alone and followed by EOS, is a root-to-leaf path of the trie; node v is a token prefix
+with visit mass mass(v) = sum of p(s) over the strings below v, and target q(t|v) = mass(vt)/mass(v).
+The model gives m(t|v) at every node, hence
+    log m(s) = sum over the path of s of log m(t|v)        (probability of emitting exactly s + EOS)
+    M               = sum_S m(s)                                           support_mass
+    seq_kl          = sum_S p(s) log(p(s)/m(s))
+    seq_kl_renorm   = sum_S p(s) log(p(s) M/m(s)) = seq_kl + log M
+    tv_renorm       = 1/2 sum_S |p(s) - m(s)/M|
+    node_kl         = sum_v mass(v) KL(q(.|v) || m(.|v))  (= seq_kl by the chain rule)
+    mc_logit_kl     = mean over 4 paths s ~ p of the mean of KL(q(.|v) || m(.|v)) along the path
+                      (the artifact's Monte-Carlo logit KL, seeded)
+
+Scoring (score_trie) runs the prompt once into a KV cache, then feeds every internal trie node
+after it (node v's input token is the edge into v, at position P + depth(v) - 1) with a 4D
+attention mask in which node v sees the whole prompt, its ancestors and itself ("tree attention",
+as in SpecInfer, Miao et al. 2023, arXiv 2305.09781, and Medusa, Cai et al. 2024).
+Nodes go in depth-first chunks, each closed under ancestors (see score_trie). About one forward
+token per internal node, instead of one full forward of prompt + answer per string.
+Log-softmax and all sums are float64.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+
+import numpy as np
+import torch
+
+from calft.models import decoder, unwrap
+from calft.sampling import cache_kwarg, new_cache
+
+EXACT_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm", "node_kl", "mc_logit_kl")
+MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
+TREE_ATTENTION = ("eager", "sdpa")  # attention backends that honour a custom 4D float mask
+LOGIT_ROWS = 256  # LM-head rows per step: bounds the [R, V] logits buffer (V=152k -> 150 MB fp32)
+
+
+# -----------------------------------------------------------------------------
+# trie scoring
+
+
+def _edge_sources(trie) -> np.ndarray:
+    """Node id owning each edge (CSR row of each entry)."""
+    return np.repeat(np.arange(trie.num_nodes, dtype=np.int64), np.diff(np.asarray(trie.row_ptr)))
+
+
+def _dfs_order(row_ptr: np.ndarray, child: np.ndarray) -> np.ndarray:
+    """Internal (has children) non-root nodes in depth-first preorder, children in token order."""
+    internal = np.diff(row_ptr) > 0
+    order, stack = [], [0]
+    while stack:
+        v = stack.pop()
+        if v:
+            order.append(v)
+        kids = child[row_ptr[v] : row_ptr[v + 1]]
+        stack.extend(kids[internal[kids]][::-1].tolist())
+    return np.asarray(order, dtype=np.int64)
+
+
+def _ancestor_mask(local: np.ndarray, parent: np.ndarray, lpos: np.ndarray) -> np.ndarray:
+    """Boolean [C, C]: token i may attend to token j iff local[j] is local[i] or its ancestor.
+
+    lpos maps node -> index in `local` (-1 elsewhere); every non-root ancestor of a local node
+    must itself be local (guaranteed by the DFS chunking).
+    """
+    allowed = np.zeros((local.size, local.size), dtype=bool)
+    rows = np.arange(local.size)
+    cur = local.copy()
+    while True:
+        live = cur > 0
+        if not live.any():
+            return allowed
+        allowed[rows[live], lpos[cur[live]]] = True
+        cur = np.where(live, parent[cur], 0)
+
+
+@torch.no_grad()
+def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
+    """Model log-probabilities of every trie edge: float64[E], aligned with trie.token_ids.
+
+    Edge e of node v carries log m(token_ids[e] | prompt, v). Costs one forward over the prompt,
+    then one token per internal non-root node: nodes go in depth-first order, chunk_size at a
+    time, each chunk preceded by the (at most depth-many) ancestors of its first node, which it
+    recomputes. A chunk is thus closed under ancestors, and its attention is C x (P + C) whatever
+    the trie size; the prompt's KV cache is shared by all chunks.
+    """
+    base = unwrap(model)
+    impl = getattr(base.config, "_attn_implementation", "eager")
+    if impl not in TREE_ATTENTION:
+        raise ValueError(
+            f"tree attention needs a custom 4D mask; attention backend {impl!r} ignores it. "
+            f"Load the model with attn_implementation in {TREE_ATTENTION}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    row_ptr = np.asarray(trie.row_ptr, dtype=np.int64)
+    token_ids = np.asarray(trie.token_ids, dtype=np.int64)
+    parent = np.asarray(trie.parent, dtype=np.int64)
+    depth = np.asarray(trie.depth, dtype=np.int64)
+    parent_token = np.asarray(trie.parent_token, dtype=np.int64)
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("prompt_ids must be a non-empty 1D sequence of token ids")
+    device = next(model.parameters()).device
+    dtype = base.dtype  # the additive mask must match the attention's compute dtype
+    num_prompt = prompt.size
+    degree = np.diff(row_ptr)
+    out = np.empty(token_ids.size, dtype=np.float64)
+    body = decoder(model)  # transformer body: hidden states only, LoRA layers included
+    head = base.get_output_embeddings()
+
+    def gather(hidden: torch.Tensor, nodes: np.ndarray) -> None:
+        # Edges of `nodes` (hidden[r] is the state at nodes[r]). The LM head runs on LOGIT_ROWS
+        # rows at a time, so no [C, V] logits tensor is ever materialized.
+        for a in range(0, nodes.size, LOGIT_ROWS):
+            nd = nodes[a : a + LOGIT_ROWS]
+            cnt = degree[nd]
+            first = np.cumsum(cnt) - cnt
+            edges = np.repeat(row_ptr[nd], cnt) + np.arange(cnt.sum()) - np.repeat(first, cnt)
+            rows = torch.as_tensor(np.repeat(np.arange(nd.size), cnt), device=hidden.device)
+            logits = head(hidden[a : a + nd.size])  # [R, V]
+            lse = torch.logsumexp(logits.double(), dim=-1)  # [R]; float64 so long sums stay exact
+            t = torch.as_tensor(token_ids[edges], device=hidden.device)
+            out[edges] = (logits[rows, t].double() - lse[rows]).cpu().numpy()
+
+    ckw = cache_kwarg(body)
+    prompt_cache = new_cache(model)
+    ids = torch.as_tensor(prompt, device=device).unsqueeze(0)
+    hidden = body(input_ids=ids, **{ckw: prompt_cache}, use_cache=True).last_hidden_state[0]  # [P, H]
+    gather(hidden[-1:], np.zeros(1, dtype=np.int64))
+    order = _dfs_order(row_ptr, np.asarray(trie.child, dtype=np.int64))
+    lpos = np.full(trie.num_nodes, -1, dtype=np.int64)
+    for start in range(0, order.size, chunk_size):
+        nodes = order[start : start + chunk_size]
+        anc = []
+        v = int(parent[nodes[0]])
+        while v > 0:  # ancestors of the chunk's first node: every outside ancestor is one of them
+            anc.append(v)
+            v = int(parent[v])
+        local = np.concatenate([np.asarray(anc[::-1], dtype=np.int64), nodes])  # C tokens
+        lpos[local] = np.arange(local.size)
+        allowed = _ancestor_mask(local, parent, lpos)
+        lpos[local] = -1
+        keep = np.concatenate([np.ones((local.size, num_prompt), dtype=bool), allowed], axis=1)  # [C, P + C]
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device)  # additive: 0 = attend
+        mask.masked_fill_(~torch.as_tensor(keep, device=device), torch.finfo(dtype).min)
+        tok = torch.as_tensor(parent_token[local], device=device).unsqueeze(0)  # [1, C]: the edge into each node
+        pos = torch.as_tensor(num_prompt + depth[local] - 1, device=device).unsqueeze(0)  # [1, C]
+        cache = copy.deepcopy(prompt_cache)  # the prompt's keys/values; this chunk's are dropped after
+        hidden = body(input_ids=tok, attention_mask=mask[None, None], position_ids=pos,
+                      **{ckw: cache}, use_cache=True).last_hidden_state[0]  # [C, H]
+        gather(hidden[len(anc):], nodes)
+    return out
+
+
+def node_log_mass(trie, edge_logp: np.ndarray) -> np.ndarray:
+    """log m(v) for every node: the sum of edge log-probs from the root (root = 0)."""
+    src = _edge_sources(trie)
+    child = np.asarray(trie.child, dtype=np.int64)
+    depth = np.asarray(trie.depth, dtype=np.int64)
+    out = np.zeros(trie.num_nodes, dtype=np.float64)
+    src_depth = depth[src]
+    for d in range(int(depth.max(initial=0)) + 1):  # parents are final before their children
+        sel = src_depth == d
+        out[child[sel]] = out[src[sel]] + edge_logp[sel]
+    return out
+
+
+def _answer_trie(tokenizer, values):
+    from calft.prompts import answer_token_ids
+    from calft.trie import build_trie
+
+    answers = answer_token_ids(tokenizer, list(values))
+    return build_trie(answers, np.ones(len(answers)), eos_id=tokenizer.eos_token_id)
+
+
+def support_log_probs(model, tokenizer, prompt_text: str, support_values, *, chunk_size: int = 256) -> np.ndarray:
+    """float64[len(support_values)]: log m(s) of each canonical string s followed by EOS.
+
+    The prompt is chat-formatted exactly as in training (calft.prompts.prompt_token_ids).
+    """
+    from calft.prompts import prompt_token_ids
+
+    values = list(support_values)
+    if not values:
+        raise ValueError("support_values is empty")
+    trie = _answer_trie(tokenizer, values)
+    edge_logp = score_trie(model, prompt_token_ids(tokenizer, prompt_text), trie, chunk_size=chunk_size)
+    return node_log_mass(trie, edge_logp)[np.asarray(trie.sequence_leaf)]
+
+
+@torch.no_grad()
+def sequence_log_probs_ref(model, prompt_ids, answer_ids, eos_id: int) -> np.ndarray:
+    """Brute-force oracle: one full forward of prompt + answer + EOS per string (float64 sums)."""
+    device = next(model.parameters()).device
+    prompt = list(map(int, prompt_ids))
+    out = np.empty(len(answer_ids), dtype=np.float64)
+    for i, ans in enumerate(answer_ids):
+        seq = prompt + list(map(int, ans)) + [int(eos_id)]
+        logits = model(input_ids=torch.tensor([seq], device=device)).logits[0].double()  # [T, V]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # rows predicting answer + EOS
+        out[i] = logp.gather(1, torch.tensor(seq[len(prompt):], device=device)[:, None]).sum().item()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# exact metrics
+
+
+def target_node_mass(trie, leaf: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """mass(v) under target p: leaf masses summed up the tree (float64, from p, not trie.probs)."""
+    mass = np.zeros(trie.num_nodes, dtype=np.float64)
+    ok = leaf >= 0
+    np.add.at(mass, leaf[ok], probs[ok])
+    parent = np.asarray(trie.parent, dtype=np.int64)
+    depth = np.asarray(trie.depth, dtype=np.int64)
+    for d in range(int(depth.max(initial=0)), 0, -1):  # children before parents
+        nodes = np.nonzero(depth == d)[0]
+        np.add.at(mass, parent[nodes], mass[nodes])
+    return mass
+
+
+def _scoring_trie(prepared):
+    """The prepared trie, or (when it dropped zero-probability strings) one holding every string."""
+    trie = prepared.trie
+    leaf = np.asarray(trie.sequence_leaf, dtype=np.int64)
+    if (leaf >= 0).all():
+        return trie, leaf
+    from calft.trie import build_trie
+
+    eos = int(np.asarray(trie.parent_token)[leaf[leaf >= 0][0]])  # last edge of any path is EOS
+    full = build_trie([list(a) for a in prepared.answer_ids], np.ones(len(prepared.answer_ids)), eos_id=eos)
+    return full, np.asarray(full.sequence_leaf, dtype=np.int64)
+
+
+def mc_seed(seed: int, prompt_text: str) -> np.random.SeedSequence:
+    """Seed of one prompt's Monte-Carlo paths: (seed, crc32 of the prompt text)."""
+    return np.random.SeedSequence([int(seed), zlib.crc32(prompt_text.encode("utf-8"))])
+
+
+def exact_metrics(model, tokenizer, prepared, *, seed: int = 0, chunk_size: int = 256,
+                  return_log_probs: bool = False) -> dict:
+    """The exact metrics of SPEC.md section 8 (see the module docstring) for one PreparedPrompt.
+
+    With return_log_probs=True the dict also holds "log_m": float64 log m(s) per support string.
+    `tokenizer` is unused (the prompt is already tokenized) and kept for the public signature.
+    """
+    del tokenizer
+    p = np.asarray(prepared.support.probs, dtype=np.float64)
+    trie, leaf = _scoring_trie(prepared)
+    edge_logp = score_trie(model, prepared.prompt_ids, trie, chunk_size=chunk_size)
+    log_m = node_log_mass(trie, edge_logp)[leaf]
+    pos = p > 0
+    log_mass = float(np.logaddexp.reduce(log_m))
+    seq_kl = float(np.sum(p[pos] * (np.log(p[pos]) - log_m[pos])))
+    # Node KL, edge by edge: sum_e mass(child_e) * (log q_e - log m_e) over edges with target mass.
+    mass = target_node_mass(trie, leaf, p)
+    src = _edge_sources(trie)
+    child = np.asarray(trie.child, dtype=np.int64)
+    w = mass[child]
+    on = w > 0
+    log_q = np.zeros_like(w)
+    log_q[on] = np.log(w[on]) - np.log(mass[src[on]])
+    edge_term = np.where(on, w * (log_q - edge_logp), 0.0)
+    node_kl_total = float(edge_term.sum())
+    # Per-node KL(q(.|v) || m(.|v)) = sum over v's edges of q (log q - log m) = edge_term / mass(v).
+    per_node = np.zeros(trie.num_nodes, dtype=np.float64)
+    np.add.at(per_node, src[on], edge_term[on] / mass[src[on]])
+    rng = np.random.default_rng(mc_seed(seed, prepared.text))
+    paths = rng.choice(p.size, size=MC_PATHS, p=p / p.sum())
+    path_kls = [per_node[trie.path_nodes(int(i))].mean() for i in paths]  # nodes before each token
+    out = {
+        "support_mass": math.exp(log_mass),
+        "log_support_mass": log_mass,
+        "seq_kl": seq_kl,
+        "seq_kl_renorm": seq_kl + log_mass,
+        "tv_renorm": float(0.5 * np.abs(p - np.exp(log_m - log_mass)).sum()),
+        "node_kl": node_kl_total,
+        "mc_logit_kl": float(np.mean(path_kls)),
+        "num_strings": int(p.size),
+        "num_nodes": int(trie.num_nodes),
+    }
+    if return_log_probs:
+        out["log_m"] = log_m
+    return out
+
+
+def evaluate_exact(model, tokenizer, prepared_list, progress: bool = True, *, seed: int = 0,
+                   chunk_size: int = 256, return_log_probs: bool = False) -> list[dict]:
+    """exact_metrics for every prepared prompt: one row per prompt with family_id and params."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for prep in tqdm(prepared_list, desc="exact eval", disable=not progress):
+            row = {"family_id": prep.spec.family_id, "params": dict(prep.spec.params_dict)}
+            row.update(exact_metrics(model, tokenizer, prep, seed=seed, chunk_size=chunk_size,
+                                     return_log_probs=return_log_probs))
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# summaries and tables
+
+SUMMARY_METRICS = EXACT_METRICS + (
+    "valid_rate", "support_violation_rate", "mean_error", "variance_error", "wasserstein_1",
+    "ks_stat", "ks_pvalue", "chi2_stat", "chi2_pvalue",
+)
+
+
+def _nanmean(xs) -> float:
+    xs = np.asarray([x for x in xs if x is not None], dtype=np.float64)
+    xs = xs[~np.isnan(xs)]
+    return float(xs.mean()) if xs.size else float("nan")
+
+
+def summarize(rows) -> dict:
+    """Equal family weight: mean over prompts within each family (NaNs skipped), then over families.
+
+    Returns {metric: value, ..., "num_prompts", "num_families", "per_family": {family: {metric: value}}}
+    for every metric of SUMMARY_METRICS present in the rows.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("summarize needs at least one row")
+    metrics = [m for m in SUMMARY_METRICS if any(m in r for r in rows)]
+    by_family: dict[str, list[dict]] = {}
+    for r in rows:
+        by_family.setdefault(r["family_id"], []).append(r)
+    per_family = {f: {m: _nanmean(r.get(m) for r in rs) for m in metrics} | {"num_prompts": len(rs)}
+                  for f, rs in by_family.items()}
+    out = {m: _nanmean(pf[m] for pf in per_family.values()) for m in metrics}
+    out.update(num_prompts=len(rows), num_families=len(per_family), per_family=per_family)
+    return out
+
+
+def format_number(x) -> str:
+    """Compact table cell: 4 significant digits, scientific below 1e-3."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    x = float(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.3g}"
+    return f"{x:.4g}"
+
+
+def format_comparison_table(summaries: dict[str, dict], metrics=None) -> str:
+    """Markdown table: one row per model label, one column per metric (summaries from summarize)."""
+    if not summaries:
+        raise ValueError("no summaries to compare")
+    if metrics is None:
+        metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summaries.values())]
+    head = "| model | " + " | ".join(metrics) + " |"
+    rule = "|---|" + "---|" * len(metrics)
+    lines = [head, rule]
+    for label, s in summaries.items():
+        lines.append(f"| {label} | " + " | ".join(format_number(s.get(m)) for m in metrics) + " |")
+    return "\n".join(lines)
