@@ -28,6 +28,11 @@ from pathlib import Path
 
 import torch
 
+# `python benchmarks/X.py` puts benchmarks/ first on sys.path, where this file would shadow the
+# `kernels` package that transformers probes for: put the repository root there instead.
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 from benchmarks.common import (cpu_memory_env, format_table, machine_info, peak_extra_bytes,
                                time_fn, write_json)
 from calft.losses import SparseTargets, linear_soft_target_kl, soft_target_kl

@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python benchmarks/train_step.py` puts benchmarks/ first on sys.path, where kernels.py would
+# shadow the `kernels` package that transformers probes for: put the repository root there instead.
+if __package__ in (None, ""):
+    sys.path[0] = str(ROOT)
 RESULTS = ROOT / "benchmarks" / "results"
 
 
