@@ -122,7 +122,11 @@ def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
             first = np.cumsum(cnt) - cnt
             edges = np.repeat(row_ptr[nd], cnt) + np.arange(cnt.sum()) - np.repeat(first, cnt)
             rows = torch.as_tensor(np.repeat(np.arange(nd.size), cnt), device=hidden.device)
-            logits = head(hidden[a : a + nd.size])  # [R, V]
+            h = hidden[a : a + nd.size]
+            # The head runs outside any caller autocast (e.g. training's bf16): its logits feed
+            # log-probs summed over whole strings, so they are kept in the weights' precision.
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                logits = head(h.to(head.weight.dtype))  # [R, V]
             lse = torch.logsumexp(logits.double(), dim=-1)  # [R]; float64 so long sums stay exact
             t = torch.as_tensor(token_ids[edges], device=hidden.device)
             out[edges] = (logits[rows, t].double() - lse[rows]).cpu().numpy()

@@ -4,6 +4,8 @@ kernels run on CPU tensors (numpy speed): this file is imported before every tes
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Spinning OpenMP threads slow torch 5-10x when the 2 CPU cores are shared (e.g. torchrun tests).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys
 from pathlib import Path
