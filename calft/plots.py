@@ -22,6 +22,16 @@ MAX_GROUPS = 120  # grouped bins per prompt plot: ~1 per 5 px at the default wid
 LOG_SCALE_RATIO = 30.0  # overview bars switch to a log axis when values span more than this
 
 
+
+def _save(fig, path) -> Path:
+    """Lay out, write `fig` to `path` (parents created) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def group_bins(x: np.ndarray, probs_list, max_groups: int = MAX_GROUPS):
     """Merge consecutive bins into <= max_groups groups: (group centers, [grouped probs...])."""
     n = x.size
@@ -86,12 +96,7 @@ def plot_prompt(path, values, target, model_probs: dict, *, title: str = "", int
     ax.set_ylabel("probability" + ("" if integer or x.size <= max_groups else " (grouped bins)"))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_overview(path, per_family: dict, *, metric: str = "seq_kl_renorm", title: str = "") -> Path:
@@ -118,9 +123,4 @@ def plot_overview(path, per_family: dict, *, metric: str = "seq_kl_renorm", titl
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_title(title or f"exact {metric} per family", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
