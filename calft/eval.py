@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from calft.evaluate import SUMMARY_METRICS, evaluate_exact, format_comparison_table, format_number, summarize  # noqa: E402,E501
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
+from calft.tracking import format_tracking_table, sample_tracking, summarize_tracking  # noqa: E402
 
 METRIC_CHOICES = ("exact", "sampling", "all")
 BENCHMARKS = ("mcq", "open_ended")
@@ -165,7 +166,8 @@ def per_family_table(by_model: dict, metrics=("support_mass", "seq_kl_renorm", "
     return lines + [""]
 
 
-def write_report(path: Path, args, summaries: dict, benchmarks: dict, plots: dict, timings: dict) -> None:
+def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: dict, plots: dict,
+                 timings: dict) -> None:
     lines = ["# calft evaluation report", "",
              f"Model: `{args.model}`; metrics: {args.metrics}; {args.num_decimals} decimals, "
              f"{args.max_bins} bins" + (f"; {args.num_samples} samples per prompt" if args.metrics != "exact" else ""),
@@ -175,10 +177,15 @@ def write_report(path: Path, args, summaries: dict, benchmarks: dict, plots: dic
     for split, by_model in summaries.items():
         first = next(iter(by_model.values()))
         lines += [f"## {split} ({first['num_prompts']} prompts, {first['num_families']} families)", "",
-                  format_comparison_table(by_model), ""]
+                  "Does the model follow the parameters? (calft/tracking.py: R^2 and slope of model vs "
+                  "target mean in target-sd units, within families; scale R^2 on log sd; KS)", "",
+                  format_tracking_table(tracking[split]), ""]
+        if split in plots["tracking"]:
+            lines += [f"![model vs target mean and sd per family]({plots['tracking'][split]})", ""]
+        lines += ["Exact metrics (family means):", "", format_comparison_table(by_model), ""]
         lines += per_family_table(by_model)
-        if split in plots:
-            lines += [f"![exact KL per family]({plots[split]})", ""]
+        if split in plots["overview"]:
+            lines += [f"![exact KL per family]({plots['overview'][split]})", ""]
     if benchmarks:
         lines += ["## Other benchmarks", "", "| model | benchmark | metric | value |", "|---|---|---|---|"]
         for label, res in benchmarks.items():
@@ -208,7 +215,7 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(args.model)
     prepared = prepare(args, tokenizer)
     progress = not args.quiet
-    per_prompt, summaries, benchmarks, timings = [], {}, {}, {}
+    per_prompt, summaries, tracking, benchmarks, timings = [], {}, {}, {}, {}
     exact_probs: dict = {}  # (split, label) -> list of m(s)/M per prompt
     samples: dict = {}  # (split, label) -> list of valid sampled values per prompt
     rows_by: dict = {}  # (split, label) -> per-prompt metric rows
@@ -230,10 +237,11 @@ def main(argv=None) -> dict:
                                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                             progress=progress)
                 samples[split, label] = [s.values for s in sampled]
-                for row, s in zip(rows, sampled):
-                    row.update(s.metrics)
+                for row, s, prep in zip(rows, sampled, preps):
+                    row.update(s.metrics, **sample_tracking(prep.support, s.values))
             timings[label, split] = time.perf_counter() - t0
             summaries.setdefault(split, {})[label] = summarize(rows)
+            tracking.setdefault(split, {})[label] = summarize_tracking(rows)
             per_prompt += [{"split": split, "model": label, **r} for r in rows]
             rows_by[split, label] = rows
         if bench_names:
@@ -249,15 +257,18 @@ def main(argv=None) -> dict:
                     samples_per_prompt=args.open_ended_samples, seed=args.seed)
         del model
 
-    overview = {}
+    overview, tracking_plots = {}, {}
     if not args.no_plots:
-        from calft.plots import plot_overview, plot_prompt
+        from calft.plots import plot_overview, plot_prompt, plot_tracking
 
         for split, preps in prepared.items():
             if args.metrics in ("exact", "all"):
                 per_family = {lab: summaries[split][lab]["per_family"] for lab, _ in labels}
                 overview[split] = str(plot_overview(out_dir / "plots" / f"{split}_overview.png", per_family,
                                                     title=f"{split}: exact seq_kl_renorm per family").relative_to(out_dir))
+                tracking_plots[split] = str(plot_tracking(
+                    out_dir / "plots" / f"{split}_tracking.png", {lab: rows_by[split, lab] for lab, _ in labels},
+                    title=f"{split}: model vs target mean (o) and sd (^)").relative_to(out_dir))
             for i, prep in enumerate(preps):
                 model_p = {lab: exact_probs[split, lab][i] for lab, _ in labels if (split, lab) in exact_probs}
                 samp = {lab: samples[split, lab][i] for lab, _ in labels if (split, lab) in samples}
@@ -268,10 +279,12 @@ def main(argv=None) -> dict:
                             integer=prep.support.integer, samples=samp, support_mass=mass)
     write_csv(out_dir / "per_prompt.csv", per_prompt)
     summary = {"settings": vars(args), "models": {lab: ad for lab, ad in labels}, "splits": summaries,
+               "tracking": tracking,
                "benchmarks": benchmarks, "seconds": {f"{m}/{s}": t for (m, s), t in timings.items()},
                "metrics_order": [m for m in SUMMARY_METRICS]}
     (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
-    write_report(out_dir / "report.md", args, summaries, benchmarks, overview, timings)
+    write_report(out_dir / "report.md", args, summaries, tracking, benchmarks,
+                 {"overview": overview, "tracking": tracking_plots}, timings)
     if progress:
         print((out_dir / "report.md").read_text())
     return summary

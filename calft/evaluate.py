@@ -32,6 +32,7 @@ import torch
 
 from calft.models import decoder, unwrap
 from calft.sampling import cache_kwarg, new_cache
+from calft.tracking import exact_tracking
 
 EXACT_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm", "node_kl", "mc_logit_kl")
 MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
@@ -288,6 +289,7 @@ def exact_metrics(model, tokenizer, prepared, *, seed: int = 0, chunk_size: int 
         "num_strings": int(p.size),
         "num_nodes": int(trie.num_nodes),
     }
+    out.update(exact_tracking(prepared.support, log_m - log_mass))  # does the mean follow the prompt?
     if return_log_probs:
         out["log_m"] = log_m
     return out

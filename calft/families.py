@@ -461,6 +461,33 @@ GRIDS: dict[str, dict[str, Grid]] = {
 }
 
 
+
+def _midpoints(values: tuple, integer: bool) -> tuple:
+    """Midpoints of consecutive axis values (rounded for counts): inside the axis range, on no
+    grid point (when two counts are adjacent integers, their midpoint is skipped)."""
+    mids = []
+    for lo, hi in zip(values, values[1:]):
+        mid = (lo + hi) / 2
+        mid = int(round(mid)) if integer else clean_number(mid)
+        if mid not in (lo, hi) and mid not in mids:
+            mids.append(mid)
+    return tuple(mids)
+
+
+def _within_range_grid(family_id: str) -> Grid:
+    """Unseen parameters inside the training ranges: every axis of the training grid replaced by
+    the midpoints of its consecutive values. No point is a training point (every coordinate is
+    off-grid) and every point lies inside the training box: interpolation, not extrapolation
+    (SPEC's test_unseen_params uses disjoint ranges, i.e. extrapolation)."""
+    grid = GRIDS[family_id]["train"]
+    counts = {p.name for p in get_family(family_id).params if p.integer}
+    return Grid(grid.names, axes=tuple(_midpoints(axis, name in counts) for name, axis in zip(grid.names, grid.axes)))
+
+
+for _fid, _grids in GRIDS.items():
+    if "train" in _grids:
+        _grids["within_range"] = _within_range_grid(_fid)
+
 def grid_point_to_params(family_id: str, point: Mapping[str, float]) -> dict[str, float | int]:
     """Map a grid point (grid parameterization) to validated prompt parameters, prompt order."""
     family = get_family(family_id)

@@ -23,9 +23,9 @@ LOG_SCALE_RATIO = 30.0  # overview bars switch to a log axis when values span mo
 
 
 
-def _save(fig, path) -> Path:
-    """Lay out, write `fig` to `path` (parents created) and free it."""
-    fig.tight_layout()
+def _save(fig, path, rect=None) -> Path:
+    """Lay out (within `rect` of the figure, if given), write `fig` to `path` (parents created), free it."""
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -124,3 +124,41 @@ def plot_overview(path, per_family: dict, *, metric: str = "seq_kl_renorm", titl
     ax.set_title(title or f"exact {metric} per family", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     return _save(fig, path)
+
+
+def plot_tracking(path, rows_by_model: dict, *, title: str = "") -> Path:
+    """One panel per family: model vs target mean (circles) and sd (triangles), one colour per
+    model, with the identity line; points on it = the model follows the prompt's parameters.
+
+    rows_by_model: {model label: per-prompt rows holding calft.tracking's exact_tracking keys}.
+    """
+    labels = list(rows_by_model)
+    if not labels:
+        raise ValueError("plot_tracking needs at least one model")
+    families = list(dict.fromkeys(r["family_id"] for rows in rows_by_model.values() for r in rows))
+    cols = min(6, len(families))
+    nrows = -(-len(families) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.1 * nrows + 0.4), dpi=100, squeeze=False)
+    for ax, fam in zip(axes.flat, families):
+        lo, hi = np.inf, -np.inf
+        for i, label in enumerate(labels):
+            rows = [r for r in rows_by_model[label] if r["family_id"] == fam and "model_mean" in r]
+            for key, marker in (("mean", "o"), ("sd", "^")):
+                t = np.array([r[f"target_{key}"] for r in rows], dtype=float)
+                m = np.array([r[f"model_{key}"] for r in rows], dtype=float)
+                ax.scatter(t, m, s=14, marker=marker, color=f"C{i}", alpha=0.8,
+                           label=f"{label} {key}" if fam == families[0] else None)
+                both = np.concatenate([t, m])
+                both = both[np.isfinite(both)]
+                if both.size:
+                    lo, hi = min(lo, both.min()), max(hi, both.max())
+        if np.isfinite(lo):
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=0.8, zorder=0)
+        ax.set_title(fam, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    fig.legend(loc="lower center", ncol=2 * len(labels), fontsize=7, frameon=False)
+    fig.suptitle(title or "model vs target mean (o) and sd (^)", fontsize=9)
+    return _save(fig, path, rect=(0, 0.04, 1, 0.97))

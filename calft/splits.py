@@ -2,6 +2,8 @@
 
     train               24 training families, cartesian grid, evenly subsampled to 121 per family
     test_unseen_params  same families, disjoint parameter ranges, at most 36 per family
+    test_within_range   same families, unseen parameters inside the training ranges (midpoints
+                        between consecutive training grid values), at most 36 per family
     test_selected       one headline row per training family (24)
     test_ood_family     the 6 held-out families on their ood grids
     ood_selected        3 headline rows per held-out family (18)
@@ -18,12 +20,14 @@ from typing import Iterable, Mapping
 
 from calft.families import FAMILIES, GRIDS, get_family, grid_point_to_params
 
-SPLITS = ("train", "test_unseen_params", "test_selected", "test_ood_family", "ood_selected")
+SPLITS = ("train", "test_unseen_params", "test_within_range", "test_selected", "test_ood_family",
+          "ood_selected")
 
 # split -> (key in calft.families.GRIDS, default max_specs per family, held-out families?)
 _SPLIT_SOURCES = {
     "train": ("train", 121, False),
     "test_unseen_params": ("test_unseen_params", 36, False),
+    "test_within_range": ("within_range", 36, False),
     "test_selected": ("selected", None, False),
     "test_ood_family": ("ood", None, True),
     "ood_selected": ("ood_selected", None, True),
@@ -66,6 +70,34 @@ def even_indices(n: int, k: int) -> list[int]:
     return [(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
 
 
+def spread_indices(shape: tuple[int, ...], k: int) -> list[int]:
+    """k flat indices (cartesian order) of a grid of `shape` that spread over every axis at once:
+    a Latin hypercube. Point i takes, on axis j, the stratum (i * step_j) mod k with steps that
+    are coprime with k (1, then the integers nearest k/phi, k/phi^2, ...), so each axis sees k
+    distinct evenly spaced quantiles and the axes are not aligned (3 points of a 2-axis grid:
+    low/low, mid/high, high/mid). `even_indices` on the flat order would instead vary only the
+    last axes for small k.
+    """
+    import math
+
+    steps, target = [], float(k)
+    for _ in shape:
+        step = max(1, round(target))
+        while math.gcd(step, k) != 1:
+            step += 1
+        steps.append(step % k if k > 1 else 0)
+        target /= (1 + 5 ** 0.5) / 2
+    steps[0] = 1
+    flat = []
+    for i in range(k):
+        idx = [((i * st) % k * 2 + 1) * n // (2 * k) for st, n in zip(steps, shape)]
+        f = 0
+        for j, n in zip(idx, shape):
+            f = f * n + j
+        flat.append(f)
+    return sorted(set(flat))
+
+
 def get_split(
     name: str, *, families: Iterable[str] | None = None, max_specs: int | None = None
 ) -> list[PromptSpec]:
@@ -96,8 +128,14 @@ def get_split(
         chosen = [fid for fid in members if fid in wanted]
     specs: list[PromptSpec] = []
     for fid in chosen:
-        points = GRIDS[fid][grid_key].points()
-        keep = even_indices(len(points), cap) if cap is not None else range(len(points))
+        grid = GRIDS[fid][grid_key]
+        points = grid.points()
+        if cap is None or cap >= len(points):
+            keep = range(len(points))
+        elif grid_key == "within_range":
+            keep = spread_indices(tuple(len(a) for a in grid.axes), cap)
+        else:
+            keep = even_indices(len(points), cap)
         for i in keep:
             specs.append(PromptSpec(fid, tuple(grid_point_to_params(fid, points[i]).items())))
     return specs

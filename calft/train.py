@@ -106,10 +106,15 @@ class TrainConfig:
     progress: bool = knob(True, "show progress bars")
     # evaluation after training (exact metrics, SPEC.md section 8)
     eval: bool = knob(True, "evaluate base vs fine-tuned on --eval-split when training ends")
-    eval_split: str = knob("test_selected", "split for the final evaluation", SPLITS)
+    eval_split: str = knob("test_within_range,test_selected", "comma-separated splits for the final "
+                           f"evaluation, from: {', '.join(SPLITS)}; test_within_range = unseen "
+                           "parameters inside the training ranges, test_selected = the headline rows")
     eval_decimals: int = knob(2, "decimals of the evaluation supports")
     eval_bins: int = knob(1001, "max support strings per evaluation prompt")
-    eval_max_prompts: int = knob(-1, "evaluate at most this many prompts (evenly spaced); -1 = all")
+    eval_prompts_per_family: int = knob(3, "prompts per family and split, spread over the parameter "
+                                        "grid; -1 = the split's own cap")
+    eval_samples: int = knob(100, "answers sampled per prompt from the fine-tuned model (temperature 1) "
+                             "for the sampling KS and mean error; 0 = exact metrics only")
 
 
 # Per-recipe defaults (SPEC.md section 7). quick: the embedded 135M model on 2 CPU cores in < 10
@@ -133,7 +138,7 @@ FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization"
 # Fields that may differ between a run and its --resume (they do not change the trained weights).
 RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "device", "progress", "micro_batch_size",
                    "checkpoint_interval", "eval", "eval_split", "eval_decimals", "eval_bins",
-                   "eval_max_prompts", "output_dir"}
+                   "eval_prompts_per_family", "eval_samples", "output_dir"}
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -494,28 +499,48 @@ if cfg.eval and cfg.fsdp and master:
           "with python -m calft.eval")
 if cfg.eval and master and not cfg.fsdp:
     from calft.evaluate import evaluate_exact, format_comparison_table, summarize
+    from calft.plots import plot_tracking
+    from calft.sampling import evaluate_sampling
+    from calft.tracking import TARGETS, format_tracking_table, sample_tracking, summarize_tracking
 
     eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
-    eval_specs = get_split(cfg.eval_split)
-    if 0 < cfg.eval_max_prompts < len(eval_specs):
-        eval_specs = [eval_specs[i] for i in np.linspace(0, len(eval_specs) - 1, cfg.eval_max_prompts).round().astype(int)]
-    eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
     model.eval()
-    t_eval = time.time()
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        with model.disable_adapter():
-            base_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-        tuned_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-    base_summary, tuned_summary = summarize(base_rows), summarize(tuned_rows)
-    table = format_comparison_table({"base": base_summary, "fine-tuned": tuned_summary})
-    print(f"\nexact metrics on {cfg.eval_split} ({len(eval_prompts)} prompts, {cfg.eval_decimals} "
-          f"decimals, {cfg.eval_bins} bins), base vs fine-tuned:\n{table}")
+    t_eval, results = time.time(), {}
+    for split in [s.strip() for s in cfg.eval_split.split(",") if s.strip()]:
+        members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
+        eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
+                               max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
+        eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with model.disable_adapter():
+                base_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
+            tuned_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
+            if cfg.eval_samples > 0:  # the fine-tuned model only: the base answers in prose (slow, ~0 valid)
+                sampled = evaluate_sampling(model, tokenizer, eval_prompts, num_samples=cfg.eval_samples,
+                                            seed=cfg.seed, progress=cfg.progress)
+                for row, prep, smp in zip(tuned_rows, eval_prompts, sampled):
+                    row.update(smp.metrics, **sample_tracking(prep.support, smp.values))
+        base_summary, tuned_summary = summarize(base_rows), summarize(tuned_rows)
+        base_track, tuned_track = summarize_tracking(base_rows), summarize_tracking(tuned_rows)
+        table = format_comparison_table({"base": base_summary, "fine-tuned": tuned_summary},
+                                        metrics=["support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm"])
+        tracking = format_tracking_table({"base": base_track, "fine-tuned": tuned_track})
+        misses = [f"{k} {tuned_track[k]:.3g} (target {op} {v})" for k, (op, v) in TARGETS.items()
+                  if k in tuned_track and not (tuned_track[k] >= v if op == ">=" else tuned_track[k] <= v)]
+        print(f"\n{split}: {len(eval_prompts)} prompts ({cfg.eval_decimals} decimals, {cfg.eval_bins} bins)\n"
+              f"does the model follow the parameters? (pooled over families; see calft/tracking.py)\n{tracking}\n"
+              f"exact metrics (family means):\n{table}\n"
+              + (f"targets missed: {'; '.join(misses)}" if misses else "all tracking targets met"))
+        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
+                      title=f"{split}: model vs target mean and sd")
+        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
+                          "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
+        (out_dir / f"eval_table_{split}.md").write_text(f"{tracking}\n\n{table}\n")
     (out_dir / "eval.json").write_text(json.dumps(
-        {"split": cfg.eval_split, "num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins,
-         "base": base_summary, "finetuned": tuned_summary, "base_rows": base_rows,
-         "finetuned_rows": tuned_rows}, indent=2, default=float))
-    (out_dir / "eval_table.md").write_text(table + "\n")
-    summary.update(eval_time_s=time.time() - t_eval, eval_base=base_summary, eval_finetuned=tuned_summary)
+        {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))
+    summary.update(eval_time_s=time.time() - t_eval,
+                   eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
+                         for k, v in results.items()})
 if master:
     summary["process_time_s"] = time.time() - t_launch  # setup + data + training + evaluation
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -235,7 +235,7 @@ def _is_png(path):
 
 
 def test_plots_are_written(tmp_path):
-    from calft.plots import plot_overview, plot_prompt
+    from calft.plots import plot_overview, plot_prompt, plot_tracking
 
     sup = build_support("gaussian", {"mu": 0, "sigma": 1}, num_decimals=2, max_bins=1001)
     p = np.asarray(sup.probs)
@@ -246,7 +246,10 @@ def test_plots_are_written(tmp_path):
     b = plot_prompt(tmp_path / "sub" / "b.png", isup.values, isup.probs, {"base": isup.probs}, integer=True)
     c = plot_overview(tmp_path / "o.png", {"base": {"gaussian": {"seq_kl_renorm": 1.2}, "beta": {"seq_kl_renorm": 0.9}},
                                            "soft": {"gaussian": {"seq_kl_renorm": 0.01}, "beta": {"seq_kl_renorm": 0.02}}})
-    assert all(_is_png(x) for x in (a, b, c))
+    rows = [{"family_id": f, "target_mean": t, "target_sd": 1.0, "model_mean": t + 0.3, "model_sd": 1.5}
+            for f in ("gaussian", "beta", "binomial") for t in (0.0, 1.0, 2.0)]
+    d = plot_tracking(tmp_path / "t.png", {"base": rows, "soft": rows[::-1]})
+    assert all(_is_png(x) for x in (a, b, c, d))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -274,5 +277,9 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     assert "| base |" in report and "| adapter |" in report and "test_selected" in report
     assert json.loads((out / "summary.json").read_text())["splits"]["test_selected"]["base"]["num_prompts"] == 2
     pngs = sorted((out / "plots").rglob("*.png"))
-    assert len(pngs) == 3 and all(_is_png(x) for x in pngs)  # 2 prompts + the overview
+    assert len(pngs) == 4 and all(_is_png(x) for x in pngs)  # 2 prompts + the overview + tracking
+    assert "location_r2" in report and "test_selected_tracking.png" in report
+    track = summary["tracking"]["test_selected"]
+    for k in ("mean_error_sd", "median_ks"):  # one prompt per family: R^2 is undefined (NaN) here
+        assert track["adapter"][k] == pytest.approx(track["base"][k], rel=1e-6), k
     assert math.isfinite(by_model["base"]["valid_rate"])

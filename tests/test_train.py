@@ -83,7 +83,7 @@ def full_run(tiny_model_dir, tmp_path_factory, env):
     out = tmp_path_factory.mktemp("runs") / "full"
     args = tiny_args(tiny_model_dir, out, "--checkpoint-interval", "3")
     args = [a for a in args if a != "--no-eval"] + ["--eval-decimals", "1", "--eval-bins", "30",
-                                                    "--eval-max-prompts", "2"]
+                                                    "--eval-prompts-per-family", "2", "--eval-samples", "3"]
     run_train(args, env)  # the real entry point, `python -m calft.train`, once
     return out
 
@@ -124,7 +124,8 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
 
     out = full_run
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.json", "metrics.jsonl",
-                 "summary.json", "eval.json", "eval_table.md", "checkpoint/state.pt"):
+                 "summary.json", "eval.json", "eval_table_test_selected.md", "eval_table_test_within_range.md",
+                 "tracking_test_within_range.png", "checkpoint/state.pt"):
         assert (out / name).is_file(), name
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -147,7 +148,9 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
         assert not torch.equal(logits, load_model(str(tiny_model_dir))(input_ids=x).logits)  # it trained
 
     # the reloaded adapter reproduces the run's own final evaluation exactly
-    saved = json.loads((out / "eval.json").read_text())
+    saved = json.loads((out / "eval.json").read_text())["splits"]["test_selected"]
+    assert {r["family_id"] for r in saved["finetuned_rows"]} == {"gaussian", "binomial"}
+    assert all("sample_ks" in r and "model_mean" in r for r in saved["finetuned_rows"])
     from calft.splits import get_split
 
     specs = {(r["family_id"], tuple(r["params"].items())) for r in saved["finetuned_rows"]}

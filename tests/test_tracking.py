@@ -1,0 +1,121 @@
+"""Tracking metrics (calft.tracking) against hand computations, scipy and brute force, and the
+test_within_range split (unseen parameters strictly inside the training box)."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from calft.families import GRIDS, get_family
+from calft.splits import get_split, spread_indices
+from calft.support import build_support
+from calft.tracking import exact_tracking, sample_tracking, summarize_tracking
+
+
+def _brute_ks(sample_values, values, probs) -> float:
+    """max over every point x of |#{samples <= x}/n - sum_{v <= x} p(v)|, in pure Python."""
+    points = sorted(set(sample_values) | set(values))
+    best = 0.0
+    for x in points:
+        f_s = sum(1 for s in sample_values if s <= x) / len(sample_values)
+        f_p = sum(p for v, p in zip(values, probs) if v <= x)
+        best = max(best, abs(f_s - f_p))
+    return best
+
+
+def test_exact_tracking_moments_match_numpy_and_ks_vs_brute_force():
+    sup = build_support("gaussian", {"mu": 1.0, "sigma": 0.7}, num_decimals=1, max_bins=1001)
+    x = np.array([float(v) for v in sup.values])
+    rng = np.random.default_rng(0)
+    m = rng.dirichlet(np.ones(x.size))
+    row = exact_tracking(sup, np.log(m))
+    assert row["target_mean"] == pytest.approx(np.average(x, weights=sup.probs), abs=1e-12)
+    assert row["target_sd"] == pytest.approx(math.sqrt(np.cov(x, aweights=sup.probs, ddof=0)), rel=1e-9)
+    assert row["target_mean"] == pytest.approx(1.0, abs=0.01) and row["target_sd"] == pytest.approx(0.7, rel=0.03)
+    assert row["model_mean"] == pytest.approx(np.average(x, weights=m), abs=1e-12)
+    assert row["model_sd"] == pytest.approx(math.sqrt(np.cov(x, aweights=m, ddof=0)), rel=1e-9)
+    assert row["mean_error_sd"] == pytest.approx(abs(row["model_mean"] - row["target_mean"]) / row["target_sd"])
+    cdf_gap = max(abs(sum(m[: i + 1]) - sum(sup.probs[: i + 1])) for i in range(x.size))  # values ascend
+    assert row["ks_exact"] == pytest.approx(cdf_gap, abs=1e-12)
+    same = exact_tracking(sup, np.log(sup.probs))  # the model is the target
+    assert same["ks_exact"] == pytest.approx(0.0, abs=1e-12) and same["mean_error_sd"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("family, params", [("binomial", {"n": 12, "p": 0.3}), ("exponential", {"lambda": 2.0})])
+def test_sample_tracking_ks_matches_brute_force_and_scipy_moments(family, params):
+    sup = build_support(family, params, num_decimals=1, max_bins=1001)
+    x = np.array([float(v) for v in sup.values])
+    rng = np.random.default_rng(1)
+    draws = list(rng.choice(x, size=150, p=sup.probs)) + [x[-1] + 3.0]  # one value beyond the support
+    row = sample_tracking(sup, draws)
+    assert row["num_valid_samples"] == len(draws)
+    assert row["sample_ks"] == pytest.approx(_brute_ks(draws, list(x), list(sup.probs)), abs=1e-12)
+    assert row["sample_mean"] == pytest.approx(np.mean(draws)) and row["sample_sd"] == pytest.approx(np.std(draws))
+    # draws from the target itself: KS small, like scipy's two-sample KS against a large draw
+    big = rng.choice(x, size=200_000, p=sup.probs)
+    assert abs(row["sample_ks"] - stats.ks_2samp(draws, big).statistic) < 0.02
+    assert math.isnan(sample_tracking(sup, [])["sample_ks"])
+
+
+def _rows(model_mean, model_sd):
+    """3 families x 4 prompts with target moments of different scales."""
+    rows = []
+    for f, scale in (("a", 1.0), ("b", 10.0), ("c", 0.1)):
+        for k in range(4):
+            t_mean, t_sd = scale * (k - 1.5), scale * (0.5 + 0.25 * k)
+            rows.append({"family_id": f, "target_mean": t_mean, "target_sd": t_sd,
+                         "model_mean": model_mean(f, t_mean, t_sd, scale), "model_sd": model_sd(t_sd),
+                         "ks_exact": 0.1 * k, "mean_error_sd": 0.0})
+    return rows
+
+
+def test_summarize_tracking_perfect_ignoring_and_offset_models():
+    perfect = summarize_tracking(_rows(lambda f, t, s, sc: t, lambda s: s))
+    assert perfect["location_r2"] == pytest.approx(1.0) and perfect["location_slope"] == pytest.approx(1.0)
+    assert perfect["scale_r2"] == pytest.approx(1.0) and perfect["sd_within_2x"] == 1.0
+    assert perfect["median_ks"] == pytest.approx(0.15)
+    # a model that knows each family's typical mean but ignores the parameters: R^2 0, slope 0
+    ignoring = summarize_tracking(_rows(lambda f, t, s, sc: 0.0, lambda s: 3 * s))
+    assert ignoring["location_r2"] == pytest.approx(0.0, abs=1e-12)
+    assert ignoring["location_slope"] == pytest.approx(0.0, abs=1e-12)
+    assert ignoring["sd_within_2x"] == 0.0
+    # a constant offset of half a target sd: R^2 = 1 - n * 0.25 / SS_tot, slope stays 1
+    rows = _rows(lambda f, t, s, sc: t + 0.5 * s, lambda s: s)
+    off = summarize_tracking(rows)
+    ss_tot = 0.0
+    for f in "abc":
+        fr = [r for r in rows if r["family_id"] == f]
+        c = np.mean([r["target_mean"] for r in fr])
+        ss_tot += sum(((r["target_mean"] - c) / r["target_sd"]) ** 2 for r in fr)
+    assert off["location_r2"] == pytest.approx(1 - len(rows) * 0.25 / ss_tot)
+    assert off["per_family"]["b"]["num_prompts"] == 4
+    with pytest.raises(ValueError, match="no rows"):
+        summarize_tracking([{"family_id": "a"}])
+
+
+def test_within_range_split_is_unseen_and_inside_the_training_box():
+    train = set(get_split("train", max_specs=10**6))
+    within = get_split("test_within_range", max_specs=10**6)
+    assert within and not train.intersection(within)
+    for fid, grids in GRIDS.items():
+        if "train" not in grids:
+            assert "within_range" not in grids
+            continue
+        counts = {p.name for p in get_family(fid).params if p.integer}
+        for axis_train, axis_mid, name in zip(grids["train"].axes, grids["within_range"].axes, grids["train"].names):
+            assert axis_mid, (fid, name)
+            assert not set(axis_mid) & set(axis_train), (fid, name)
+            assert all(min(axis_train) < v < max(axis_train) for v in axis_mid), (fid, name)
+            if name in counts:
+                assert all(isinstance(v, int) for v in axis_mid), (fid, name)
+    few = get_split("test_within_range", max_specs=3)
+    assert len(few) == 3 * len({s.family_id for s in within})
+
+
+@pytest.mark.parametrize("shape, k", [((10, 10), 3), ((10, 10), 6), ((3, 2, 2), 3), ((24,), 5), ((5, 5, 5), 4)])
+def test_spread_indices_cover_every_axis(shape, k):
+    idx = spread_indices(shape, k)
+    assert len(idx) == k and len(set(idx)) == k and all(0 <= i < math.prod(shape) for i in idx)
+    coords = np.array(np.unravel_index(idx, shape)).T
+    for axis, n in enumerate(shape):
+        assert len(set(coords[:, axis])) == min(n, k), (axis, coords)
