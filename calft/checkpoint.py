@@ -62,16 +62,26 @@ def file_lock(path: Path):
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def try_hold_lock(path: Path) -> int | None:
-    """Take the lock on `path` without waiting and keep it for the life of the process (the fd is
-    returned; closing it releases). None when another process holds it."""
+_HELD: dict[str, int] = {}  # path -> fd of the locks taken by hold_lock
+
+
+def hold_lock(path: Path) -> bool:
+    """Take the lock on `path` without waiting and keep it until release_locks() or the end of
+    the process. False when another process (or open file) holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return None
-    return fd
+        return False
+    _HELD[str(path)] = fd
+    return True
+
+
+def release_locks() -> None:
+    """Release every lock taken by hold_lock (a script run in-process, e.g. by runpy, ends)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
 
 
 # ---- run marker ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm import tqdm
 
+from calft import checkpoint
 from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer
 from calft.splits import SPLITS, get_split
 
@@ -167,13 +168,13 @@ def fail(message: str, status: int = 2):
     """A clear one-line error (no traceback); status 2 = bad input (found before any work),
     1 = a fault during the run (e.g. a checkpoint that cannot be written)."""
     print(f"calft.train: error: {message}", file=sys.stderr, flush=True)
+    checkpoint.release_locks()
     sys.exit(status)
 
 
 # ------------------------------------------------------------------------------------------------
 # setup: validate everything cheap first, then processes, device, seeds, output dir
 
-from calft import checkpoint  # noqa: E402
 from calft.batching import (SparseKLLoss, build_batch, epoch_plan, global_num_positions,  # noqa: E402
                             step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
@@ -265,10 +266,10 @@ if master:
              "another --output-dir, or an empty or new one")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_lock = checkpoint.try_hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until exit
+        locked = checkpoint.hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until the script ends
     except OSError as err:
         fail(f"cannot write to --output-dir {out_dir}: {err.strerror or err}")
-    if run_lock is None:
+    if not locked:
         fail(f"another calft.train process is running in {out_dir} (it holds "
              f"{out_dir / checkpoint.LOCK_NAME}): wait for it to finish, or choose another --output-dir")
     if checkpoint.is_run(out_dir):
@@ -460,6 +461,7 @@ if cfg.resume and ckpt_dir.exists():
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         if step >= max_steps and (out_dir / "summary.json").is_file():
             print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
+            checkpoint.release_locks()
             sys.exit(0)
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
@@ -554,6 +556,7 @@ for signum, handler in previous_handlers.items():
     signal.signal(signum, handler)
 train_time = time.time() - t_start
 if exit_code or step < max_steps:
+    checkpoint.release_locks()
     if distributed:
         dist.destroy_process_group()
     sys.exit(exit_code)
@@ -608,5 +611,6 @@ if master:
     checkpoint.record_files(out_dir, ["summary.json"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
+checkpoint.release_locks()
 if distributed:
     dist.destroy_process_group()
