@@ -14,12 +14,18 @@ The script reads top to bottom (STYLE.md rule 2): config, setup, data, model + P
 and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
 (positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability. A checkpoint (output_dir/checkpoint: adapter, optimizer, step, every rank's RNG
-states; the data order is a pure function of (seed, epoch, step)) is written to a temp dir and
-renamed, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after the current step;
-exit status 128 + signal) and on a non-finite loss (exit status 3). --resume continues it with the
-same loss sequence as an uninterrupted run. Under torchrun, Ctrl-C reaches torchrun, which sends
-SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
+Reliability (calft/checkpoint.py). A checkpoint (output_dir/checkpoint: LoRA weights, optimizer
+state, step, token count and time so far, every rank's RNG states, the thread count; safetensors +
+JSON, nothing unpickled; the data order is a pure function of (seed, epoch, step)) is written to a
+temp dir and rotated in, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after
+the current step; exit status 128 + signal) and on a non-finite loss (exit status 3). A kill at
+any moment leaves a state the next --resume repairs. --resume continues with the same loss
+sequence as an uninterrupted run, bit for bit, on the same machine with the same number of CPU
+threads (torch.get_num_threads(); float sums change with it, so resuming with another count warns).
+Bad flags fail before any work (exit status 2, one line). Only a directory calft started a run in
+(its .calft-run.json marker) is resumed or overwritten, --overwrite deletes only the files the run
+wrote, and one process at a time trains in a directory (a lock). Under torchrun, Ctrl-C reaches
+torchrun, which sends SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
 Scale-out. DDP (gloo on CPU, NCCL on GPU) or FSDP2 (--fsdp: one fully_shard unit per block,
 bf16 all-gathers with fp32 gradient reduction on GPU); each rank takes a contiguous slice of every
 global batch, and the loss weights are normalized by the global batch, so N processes take the
@@ -27,6 +33,7 @@ same steps as one. Rank 0 writes checkpoints and runs the final evaluation (skip
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -459,12 +466,28 @@ if cfg.resume and ckpt_dir.exists():
                 except (ValueError, KeyError, TypeError):
                     pass
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        if step >= max_steps and (out_dir / "summary.json").is_file():
-            print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
-            checkpoint.release_locks()
-            sys.exit(0)
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
+
+def end_processes():
+    """Release the run-directory lock; under torchrun, let every rank arrive, then free the
+    DDP/FSDP objects and destroy the process group while the interpreter is still whole. Left to
+    interpreter shutdown, gloo's worker threads could still hold finished work objects whose
+    tensors need the GIL: a rank then died with SIGABRT after its last line of output."""
+    global wrapped, objective, model, optimizer, trainable
+    checkpoint.release_locks()
+    if distributed:
+        dist.barrier()
+        del wrapped, objective, model, optimizer, trainable
+        gc.collect()
+        dist.destroy_process_group()
+
+
+if step >= max_steps and (out_dir / "summary.json").is_file():  # --resume of a finished run
+    if master:
+        print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
+    end_processes()
+    sys.exit(0)
 
 # SIGINT / SIGTERM: finish the current step, checkpoint, exit 128 + signal (a second Ctrl-C kills)
 stop_signal = 0
@@ -556,9 +579,7 @@ for signum, handler in previous_handlers.items():
     signal.signal(signum, handler)
 train_time = time.time() - t_start
 if exit_code or step < max_steps:
-    checkpoint.release_locks()
-    if distributed:
-        dist.destroy_process_group()
+    end_processes()
     sys.exit(exit_code)
 
 # ------------------------------------------------------------------------------------------------
@@ -611,6 +632,4 @@ if master:
     checkpoint.record_files(out_dir, ["summary.json"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
-checkpoint.release_locks()
-if distributed:
-    dist.destroy_process_group()
+end_processes()
