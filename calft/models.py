@@ -97,7 +97,8 @@ def _write_marker(folder: Path) -> None:
     os.replace(tmp, folder / COMPLETE)
 
 
-def _convert_embedded(target: Path) -> None:
+def _load_gguf():
+    """(float32 model, tokenizer) dequantized from the embedded GGUF file (~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _embedded_gguf_dir()
@@ -112,6 +113,11 @@ def _convert_embedded(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    return model, tokenizer
+
+
+def _convert_embedded(target: Path) -> None:
+    model, tokenizer = _load_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Atomic: write into a temp dir next to the target (marker last), then rename, so an
     # interrupted conversion never leaves a half-written checkpoint that later loads would trust.
