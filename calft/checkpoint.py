@@ -49,15 +49,20 @@ class CheckpointError(Exception):
 
 # ---- locks -------------------------------------------------------------------------------------
 @contextmanager
-def file_lock(path: Path):
-    """Exclusive advisory lock (fcntl.flock) on `path`, created if needed; blocks until free.
-    Released when the block ends or the process dies (the kernel drops flocks of dead processes)."""
+def file_lock(path: Path, blocking: bool = True):
+    """Exclusive advisory lock (fcntl.flock) on `path`, created if needed; yields True once held
+    (blocking=False: yields False at once when another process holds it). Released when the block
+    ends or the process dies (the kernel drops the flocks of dead processes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 

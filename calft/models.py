@@ -64,9 +64,14 @@ def _embedded_checkpoint(rebuild: bool = False) -> Path:
     from calft.checkpoint import file_lock
 
     target = cache_root() / "models" / DEFAULT_MODEL
+    lock = target.parent / f".{DEFAULT_MODEL}.lock"
     if not rebuild and _is_complete(target):
+        if any(target.parent.glob(".tmp-*")):  # left by a killed conversion: remove when no one converts
+            with file_lock(lock, blocking=False) as free:
+                for stale in target.parent.glob(".tmp-*") if free else ():
+                    shutil.rmtree(stale, ignore_errors=True)
         return target
-    with file_lock(target.parent / f".{DEFAULT_MODEL}.lock"):
+    with file_lock(lock):
         if _is_complete(target) and not rebuild:
             return target  # another process converted it while we waited
         if not rebuild and _safetensors_whole(target / "model.safetensors") and (target / "config.json").is_file():

@@ -469,6 +469,7 @@ if cfg.resume and ckpt_dir.exists():
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
+
 def end_processes():
     """Release the run-directory lock; under torchrun, let every rank arrive, then free the
     DDP/FSDP objects and destroy the process group while the interpreter is still whole. Left to

@@ -331,8 +331,10 @@ def test_concurrent_model_conversion_converts_once(fake_gguf):
     assert len(calls) == 1 and paths == [target, target]
     assert not stale.exists() and (target / models.COMPLETE).is_file()
     inode = (target / "model.safetensors").stat().st_ino
+    stale.mkdir()  # another killed conversion, next to a finished copy
     models._embedded_checkpoint()  # a finished copy is used as it is, never deleted or rebuilt
     assert len(calls) == 1 and (target / "model.safetensors").stat().st_ino == inode
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage_same_size"])
