@@ -223,7 +223,7 @@ def _try_load(path: Path, specs, vocab_size: int, *, warn: bool):
         return _load(path, specs, vocab_size)
     except Exception as err:  # a damaged, altered or foreign file: rebuild it
         if warn:
-            warnings.warn(f"rebuilding the prepared-data cache {path}: {err}")
+            warnings.warn(f"ignoring unreadable prepared-data cache {path} (rebuilding it): {err}")
         return None
 
 

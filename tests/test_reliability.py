@@ -258,7 +258,7 @@ def test_damaged_prepared_cache_is_rebuilt(damage, tiny_tokenizer, tmp_path):
         data._save_atomic(path, arrays)
     else:
         path.write_bytes(path.read_bytes()[:-100])
-    with pytest.warns(UserWarning, match="rebuilding the prepared-data cache"):
+    with pytest.warns(UserWarning, match="unreadable prepared-data cache"):
         got, _ = _prepare(tiny_tokenizer, tmp_path)
     for a, b in zip(got, want):
         assert np.array_equal(a.support.probs, b.support.probs) and np.array_equal(a.trie.probs, b.trie.probs)
