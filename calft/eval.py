@@ -125,12 +125,14 @@ def check_adapters(args, labels) -> None:
         if adapter is None:
             continue
         try:
+            base = load_model(args.model, device="cpu")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                PeftModel.from_pretrained(load_model(args.model, device="cpu"), adapter)
+                PeftModel.from_pretrained(base, adapter)
             for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
-                if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message).lower():
-                    raise ValueError(str(w.message))
+                text = str(w.message)
+                if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
+                    raise ValueError(text)
         except Exception as err:
             raise ValueError(f"--adapter {adapter} cannot be loaded on {args.model}: "
                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
