@@ -53,7 +53,7 @@ from calft.splits import PromptSpec, get_split
 from calft.support import Support, build_support
 from calft.trie import Trie, build_tries_arrays, split_tries
 
-CACHE_FORMAT = 1  # bump when the file layout changes
+CACHE_FORMAT = 2  # bump when the file layout changes (2: sha256 digest in the metadata)
 _SOURCES = ("families.py", "support.py", "prompts.py", "trie.py", "data.py")
 
 
@@ -194,19 +194,37 @@ def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettin
         raise ValueError("the tokenizer has no EOS token: every answer ends with EOS")
     if not specs:
         return []
-    path = None
-    if cache_dir is not False:
-        folder = Path(default_cache_dir() if cache_dir is None else cache_dir)
-        path = folder / f"{cache_key(tokenizer, specs, settings)}.safetensors"
-        if path.is_file():
-            try:
-                return _load(path, specs)
-            except Exception as err:  # a damaged or foreign file: rebuild it
-                warnings.warn(f"ignoring unreadable prepared-data cache {path}: {err}")
-    arrays = _build(tokenizer, specs, settings, progress=progress, full_check=full_check)
-    if path is not None:
+    if cache_dir is False:
+        return _unpack(_build(tokenizer, specs, settings, progress=progress, full_check=full_check), specs)
+    from calft.checkpoint import file_lock
+
+    folder = Path(default_cache_dir() if cache_dir is None else cache_dir)
+    path = folder / f"{cache_key(tokenizer, specs, settings)}.safetensors"
+    vocab_size = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
+    prepared = _try_load(path, specs, vocab_size, warn=False)  # files appear by rename: no lock needed
+    if prepared is not None:
+        return prepared
+    # One process builds, others wait for it and load its file (a lock per cache key).
+    with file_lock(folder / f"{path.stem}.lock"):
+        prepared = _try_load(path, specs, vocab_size, warn=True)
+        if prepared is not None:
+            return prepared
+        arrays = _build(tokenizer, specs, settings, progress=progress, full_check=full_check)
         _save_atomic(path, arrays)
     return _unpack(arrays, specs)
+
+
+def _try_load(path: Path, specs, vocab_size: int, *, warn: bool):
+    """The cached prompts, or None when the file is missing, or damaged (a warning when `warn`:
+    the caller then rebuilds it)."""
+    if not path.is_file():
+        return None
+    try:
+        return _load(path, specs, vocab_size)
+    except Exception as err:  # a damaged, altered or foreign file: rebuild it
+        if warn:
+            warnings.warn(f"ignoring unreadable prepared-data cache {path} (rebuilding it): {err}")
+        return None
 
 
 def _build(tokenizer, specs, settings, *, progress: bool, full_check: bool) -> dict[str, np.ndarray]:
@@ -596,7 +614,7 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         header[k] = {"dtype": _CODES[arrays[k].dtype.str], "shape": list(arrays[k].shape),
                      "data_offsets": [pos, pos + arrays[k].nbytes]}
         pos += arrays[k].nbytes
-    header["__metadata__"] = {"calft": meta}
+    header["__metadata__"] = {"calft": meta, "sha256": _digest(memoryview(arrays[k]).cast("B") for k in names)}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -613,16 +631,37 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def _load(path: Path, specs) -> list[PreparedPrompt]:
+def _digest(chunks) -> str:
+    """sha256 over the raw array bytes (in file order): a changed probability or id shows."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _load(path: Path, specs, vocab_size: int | None = None) -> list[PreparedPrompt]:
+    """Map the file, check its digest and value ranges (ValueError on any mismatch), unpack."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     meta = header.pop("__metadata__")
-    arrays = {}
+    arrays, total = {}, 0
     for k, h in header.items():
         begin, end = h["data_offsets"]
         dtype = np.dtype(_DTYPES[h["dtype"]])
         arrays[k] = np.frombuffer(buf, dtype, (end - begin) // dtype.itemsize, 8 + size + begin).reshape(h["shape"])
+        total = max(total, end)
+    if len(buf) != 8 + size + total:
+        raise ValueError(f"{path} has {len(buf)} bytes, its header describes {8 + size + total}")
+    if _digest([memoryview(buf)[8 + size:]]) != meta.get("sha256"):
+        raise ValueError(f"{path} does not match its sha256 digest (altered or damaged)")
+    for k in ("prompt_tokens", "answer_tokens", "trie_token_ids"):
+        a = arrays[k]
+        if a.size and (a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size)):
+            raise ValueError(f"{path}: {k} holds token ids outside [0, {vocab_size})")
+    for k in ("value_probs", "trie_probs"):
+        if not np.all(np.isfinite(arrays[k]) & (arrays[k] >= 0)):
+            raise ValueError(f"{path}: {k} holds negative or non-finite probabilities")
     arrays["meta"] = np.frombuffer(meta["calft"].encode(), dtype=np.uint8)
     return _unpack(arrays, specs)

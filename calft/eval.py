@@ -96,6 +96,66 @@ def model_labels(args) -> list[tuple[str, str | None]]:
     return out
 
 
+def check_args(args) -> None:
+    """Everything that can be checked before any model runs (ValueError with a clear message)."""
+    from calft.checkpoint import RUN_MARKER, is_run
+    from calft.families import get_family
+
+    if args.families is not None:
+        for fam in [f.strip() for f in args.families.split(",") if f.strip()]:
+            get_family(fam)  # a typo -> ValueError naming the closest family
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir} is a file, not a directory")
+    if is_run(out_dir) or (out_dir / "adapter_config.json").exists():
+        raise ValueError(f"--output-dir {out_dir} holds a training run or an adapter "
+                         f"({RUN_MARKER} / adapter_config.json); its summary.json would be overwritten: "
+                         "choose another --output-dir")
+
+
+def check_adapters(args, labels) -> None:
+    """Load every adapter on the base model once before any evaluation, so a damaged or
+    mismatched adapter fails in seconds, not after the base model has been scored. Warn when an
+    adapter was trained at other decimals than it is scored at (its run's config.json)."""
+    import sys
+    import warnings
+
+    from peft import PeftModel
+
+    for _, adapter in labels:
+        if adapter is None:
+            continue
+        try:
+            base = load_model(args.model, device="cpu")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                PeftModel.from_pretrained(base, adapter)
+            for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
+                text = str(w.message)
+                if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
+                    raise ValueError(text)
+        except Exception as err:
+            raise ValueError(f"--adapter {adapter} cannot be loaded on {args.model}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        trained = adapter_num_decimals(adapter)
+        if trained is not None and trained != args.num_decimals:
+            print(f"calft.eval: warning: adapter {adapter} was trained with {trained} decimals but is "
+                  f"scored at --num-decimals {args.num_decimals}", file=sys.stderr, flush=True)
+
+
+def adapter_num_decimals(adapter: str) -> int | None:
+    """The --num-decimals an adapter was trained with: from the calft run's config.json (the run
+    dir holds the final adapter; checkpoint/ sits one level below), None when unknown."""
+    for cfg in (Path(adapter) / "config.json", Path(adapter).parent / "config.json"):
+        try:
+            value = json.loads(cfg.read_text()).get("num_decimals")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def load_for_eval(args, adapter: str | None):
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
@@ -209,10 +269,12 @@ def main(argv=None) -> dict:
         raise SystemExit("--num-samples and --max-bins must be positive, --num-decimals >= 0")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_args(args)
     labels = model_labels(args)  # checks the adapter dirs before any slow work
     tokenizer = load_tokenizer(args.model)
+    check_adapters(args, labels)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args, tokenizer)
     progress = not args.quiet
     per_prompt, summaries, tracking, benchmarks, timings = [], {}, {}, {}, {}

@@ -18,6 +18,14 @@ compute in fp32 whatever the input dtype (float64 inputs stay float64 on the tor
 `soft_target_kl_ref` / `linear_soft_target_kl_ref` are the obvious per-row references
 (the test oracle). Nothing here calls .item() when validate=False: the trainer's hot path has
 no host sync and works under torch.compile.
+
+What validate=False trusts (the trainer's targets come from checked, digest-verified data):
+  - every token id is in [0, V). Out-of-range ids are not masked: a negative id indexes from the
+    end of the row on the torch path (PyTorch indexing) and reads nothing on the Triton path
+    (masked gathers), so the loss is silently wrong. Keep validate=True for untrusted targets.
+  - the logits hold no +inf or NaN: the row maximum is +inf then and the loss and its gradient
+    are NaN (the trainer stops on a non-finite loss, exit status 3). -inf logits are fine.
+Shape errors (V = 0, mismatched N, devices) raise ValueError whatever `validate` says.
 """
 from dataclasses import dataclass
 
@@ -428,6 +436,8 @@ def soft_target_kl(logits, targets: SparseTargets, *, tau=1.0, weights=None, red
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a floating tensor of shape [N, V]")
     N, V = logits.shape
+    if V == 0:
+        raise ValueError("logits have V=0 columns: the vocabulary must hold at least one token")
     _check_args(targets, N, logits.device, tau, weights, reduction, backend)
     if validate:
         validate_targets(targets, V, weights)
@@ -457,6 +467,8 @@ def linear_soft_target_kl(hidden, lm_weight, targets: SparseTargets, *, bias=Non
                              f"on {hidden.device}")
     N, H = hidden.shape
     V = lm_weight.shape[0]
+    if V == 0:
+        raise ValueError("lm_weight has V=0 rows: the vocabulary must hold at least one token")
     if lm_weight.shape[1] != H:
         raise ValueError(f"lm_weight has shape {tuple(lm_weight.shape)}; expected [V, {H}]")
     if bias is not None and bias.shape[0] != V:

@@ -9,9 +9,11 @@ checkpoint (safetensors + tokenizer files) under the calft cache, so later loads
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,11 +42,68 @@ def _embedded_gguf_dir() -> Path:
     return folder
 
 
-def _embedded_checkpoint() -> Path:
-    """The embedded model as a plain HF checkpoint directory, converted from GGUF on first use."""
+COMPLETE = "calft_complete.json"  # written last into a finished conversion: {file name: size}
+
+
+def _is_complete(target: Path) -> bool:
+    """A finished conversion: its marker exists and every file it lists has the recorded size
+    (a truncated or partly deleted copy fails this and is rebuilt)."""
+    try:
+        sizes = json.loads((target / COMPLETE).read_text())["sizes"]
+        return bool(sizes) and all((target / n).stat().st_size == size for n, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _embedded_checkpoint(rebuild: bool = False) -> Path:
+    """The embedded model as a plain HF checkpoint directory, converted from GGUF on first use.
+
+    Several processes may start on a cold cache at once: the conversion holds a file lock, the
+    result is written to a temp dir and renamed into place, and a finished copy (COMPLETE marker)
+    is never deleted, except with rebuild=True after it failed to load."""
+    from calft.checkpoint import file_lock
+
     target = cache_root() / "models" / DEFAULT_MODEL
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    lock = target.parent / f".{DEFAULT_MODEL}.lock"
+    if not rebuild and _is_complete(target):
+        if any(target.parent.glob(".tmp-*")):  # left by a killed conversion: remove when no one converts
+            with file_lock(lock, blocking=False) as free:
+                for stale in target.parent.glob(".tmp-*") if free else ():
+                    shutil.rmtree(stale, ignore_errors=True)
         return target
+    with file_lock(lock):
+        if _is_complete(target) and not rebuild:
+            return target  # another process converted it while we waited
+        if not rebuild and _safetensors_whole(target / "model.safetensors") and (target / "config.json").is_file():
+            _write_marker(target)  # a finished copy from a calft without markers: adopt it
+            return target
+        for stale in target.parent.glob(".tmp-*"):  # left by a killed conversion (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        _convert_embedded(target)
+    return target
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The file holds its whole header and every byte the header points to (not truncated)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _write_marker(folder: Path) -> None:
+    sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name != COMPLETE}
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps({"sizes": sizes}, indent=1))
+    os.replace(tmp, folder / COMPLETE)
+
+
+def _load_gguf():
+    """(float32 model, tokenizer) dequantized from the embedded GGUF file (~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _embedded_gguf_dir()
@@ -59,25 +118,40 @@ def _embedded_checkpoint() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    return model, tokenizer
+
+
+def _convert_embedded(target: Path) -> None:
+    model, tokenizer = _load_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: write into a temp dir next to the target, then rename, so an interrupted
-    # conversion never leaves a half-written checkpoint that later loads would trust.
+    # Atomic: write into a temp dir next to the target (marker last), then rename, so an
+    # interrupted conversion never leaves a half-written checkpoint that later loads would trust.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; its copy is as good as ours.
-            if not (target / "model.safetensors").is_file():
-                raise
+        if not _safetensors_whole(tmp / "model.safetensors"):
+            raise OSError(f"the converted model in {tmp} is incomplete (disk full?)")
+        _write_marker(tmp)
+        if target.exists():  # an incomplete or broken copy (we hold the lock): move it aside first
+            trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            os.replace(target, trash / "old")
+        os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        for leftover in target.parent.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def check_model_files(model_name_or_path: str) -> None:
+    """Cheap check that a local model directory holds a config and weights, so a directory with
+    only a tokenizer fails before any work (ValueError); hub ids are checked when loaded."""
+    path = Path(resolve_model_path(model_name_or_path))
+    if not path.is_dir():
+        return
+    weights = [*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin"), *path.glob("*.index.json")]
+    if not (path / "config.json").is_file() or not weights:
+        raise ValueError(f"{path} holds no model weights (config.json plus model*.safetensors or "
+                         "pytorch_model*.bin): pass a directory with a full model, not only a tokenizer")
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -100,13 +174,26 @@ def _load_error(name: str, err: Exception) -> ValueError:
     return ValueError(f"could not load model/tokenizer {name!r}: {type(err).__name__}: {err}.{hint}")
 
 
+def _retry_embedded(name, path, load, **kwargs):
+    """load(path); for the embedded model's cached conversion, a failed load (a damaged cache
+    file) rebuilds the conversion once, with a warning, and loads again."""
+    try:
+        return load(path, **kwargs)
+    except Exception as err:
+        if str(name).lower() != DEFAULT_MODEL:
+            raise
+        warnings.warn(f"the cached conversion of {DEFAULT_MODEL} in {path} failed to load "
+                      f"({type(err).__name__}: {err}); converting it again")
+        return load(str(_embedded_checkpoint(rebuild=True)), **kwargs)
+
+
 def load_tokenizer(model_name_or_path: str = DEFAULT_MODEL):
     """Load a tokenizer; require an EOS token (answers end with EOS) and set pad = EOS if missing."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _retry_embedded(model_name_or_path, path, AutoTokenizer.from_pretrained)
     except Exception as err:  # transformers raises OSError/ValueError/HFValidationError variously
         raise _load_error(path, err) from err
     if tokenizer.eos_token_id is None:
@@ -125,7 +212,7 @@ def load_model(model_name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = 
 
     path = resolve_model_path(model_name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _retry_embedded(model_name_or_path, path, AutoModelForCausalLM.from_pretrained, dtype=dtype)
     except Exception as err:
         raise _load_error(path, err) from err
     eos = model.config.eos_token_id

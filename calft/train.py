@@ -14,12 +14,18 @@ The script reads top to bottom (STYLE.md rule 2): config, setup, data, model + P
 and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
 (positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability. A checkpoint (output_dir/checkpoint: adapter, optimizer, step, every rank's RNG
-states; the data order is a pure function of (seed, epoch, step)) is written to a temp dir and
-renamed, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after the current step;
-exit status 128 + signal) and on a non-finite loss (exit status 3). --resume continues it with the
-same loss sequence as an uninterrupted run. Under torchrun, Ctrl-C reaches torchrun, which sends
-SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
+Reliability (calft/checkpoint.py). A checkpoint (output_dir/checkpoint: LoRA weights, optimizer
+state, step, token count and time so far, every rank's RNG states, the thread count; safetensors +
+JSON, nothing unpickled; the data order is a pure function of (seed, epoch, step)) is written to a
+temp dir and rotated in, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after
+the current step; exit status 128 + signal) and on a non-finite loss (exit status 3). A kill at
+any moment leaves a state the next --resume repairs. --resume continues with the same loss
+sequence as an uninterrupted run, bit for bit, on the same machine with the same number of CPU
+threads (torch.get_num_threads(); float sums change with it, so resuming with another count warns).
+Bad flags fail before any work (exit status 2, one line). Only a directory calft started a run in
+(its .calft-run.json marker) is resumed or overwritten, --overwrite deletes only the files the run
+wrote, and one process at a time trains in a directory (a lock). Under torchrun, Ctrl-C reaches
+torchrun, which sends SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
 Scale-out. DDP (gloo on CPU, NCCL on GPU) or FSDP2 (--fsdp: one fully_shard unit per block,
 bf16 all-gathers with fp32 gradient reduction on GPU); each rank takes a contiguous slice of every
 global batch, and the loss weights are normalized by the global batch, so N processes take the
@@ -27,14 +33,13 @@ same steps as one. Rank 0 writes checkpoints and runs the final evaluation (skip
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -49,6 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm import tqdm
 
+from calft import checkpoint
 from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer
 from calft.splits import SPLITS, get_split
 
@@ -170,10 +176,12 @@ t_launch = time.time()
 cfg = parse_config()
 
 
-def fail(message: str):
-    """A clear one-line error (no traceback) and exit status 2, before any expensive work."""
+def fail(message: str, status: int = 2):
+    """A clear one-line error (no traceback); status 2 = bad input (found before any work),
+    1 = a fault during the run (e.g. a checkpoint that cannot be written)."""
     print(f"calft.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    checkpoint.release_locks()
+    sys.exit(status)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,20 +191,59 @@ from calft.batching import (SparseKLLoss, build_batch, epoch_plan, global_num_po
                             step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
+from calft.models import check_model_files  # noqa: E402
+from calft.support import _MAX_DECIMALS  # noqa: E402
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every flag, before any work (ValueError naming the flag); sentinels are -1."""
+    def flag(key):
+        return "--" + key.replace("_", "-")
+
+    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins",
+                "eval_bins"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{flag(key)} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("max_steps", "stop_at_step", "max_prompts_per_family", "eval_prompts_per_family"):
+        if getattr(cfg, key) < 1 and getattr(cfg, key) != -1:
+            raise ValueError(f"{flag(key)} must be >= 1, or -1 (the sentinel), got {getattr(cfg, key)}")
+    for key in ("num_decimals", "eval_decimals"):
+        if not 0 <= getattr(cfg, key) <= _MAX_DECIMALS:
+            raise ValueError(f"{flag(key)} must be in [0, {_MAX_DECIMALS}], got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+        raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
+    for split in cfg.eval_split.split(","):
+        if split.strip() not in SPLITS:
+            raise ValueError(f"--eval-split: unknown split {split.strip()!r}; known: {', '.join(SPLITS)}")
+    if cfg.checkpoint_interval < 0:
+        raise ValueError(f"--checkpoint-interval must be >= 0 (0 = only at the end), got {cfg.checkpoint_interval}")
+    if not (0 < cfg.lr < math.inf and 0 <= cfg.warmup_frac < 1 and 0 <= cfg.min_lr_ratio <= 1
+            and 0 <= cfg.grad_clip < math.inf and 0 <= cfg.weight_decay < math.inf):
+        raise ValueError("need 0 < --lr < inf, 0 <= --warmup-frac < 1, 0 <= --min-lr-ratio <= 1, "
+                         "--grad-clip >= 0 and --weight-decay >= 0 (finite)")
+    if not (0 < cfg.lora_alpha < math.inf and 0 <= cfg.lora_dropout < 1):
+        raise ValueError(f"need --lora-alpha > 0 (got {cfg.lora_alpha}; alpha 0 scales LoRA to nothing) "
+                         f"and 0 <= --lora-dropout < 1 (got {cfg.lora_dropout})")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                         "False): use --device cpu or auto")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a directory")
+
 
 try:
     families = [s.strip() for s in cfg.families.split(",") if s.strip()] or None
     for fam in families or ():
         if get_family(fam).held_out and cfg.train_split == "train":
             raise ValueError(f"family {fam!r} is held out (SPEC.md section 2): it is never trained on")
-    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if not (cfg.lr > 0 and 0 <= cfg.warmup_frac < 1 and 0 <= cfg.min_lr_ratio <= 1 and cfg.grad_clip >= 0):
-        raise ValueError("need --lr > 0, 0 <= --warmup-frac < 1, 0 <= --min-lr-ratio <= 1, --grad-clip >= 0")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    check_config(cfg)
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
+    check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
 except ValueError as err:
     fail(str(err))
 
@@ -223,18 +270,33 @@ grad_accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
 # bf16 autocast on CUDA (LoRA weights and the loss stay fp32); plain fp32 on CPU
 autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
+# The run directory: only a directory calft started a run in (its marker, calft.checkpoint) is
+# reused, resumed or overwritten; one process at a time (an flock held until exit).
 out_dir = Path(cfg.output_dir)
-ckpt_dir = out_dir / "checkpoint"
+ckpt_dir = out_dir / checkpoint.CKPT
+metrics_path = out_dir / "metrics.jsonl"
 train_fields = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
 if master:
-    old_cfg = out_dir / "config.json"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not old_cfg.is_file():
-            fail(f"{out_dir} is not empty and holds no calft run (no config.json): choose another "
-                 "--output-dir")
-        old = {k: v for k, v in json.loads(old_cfg.read_text()).items() if k not in RUN_ONLY_FIELDS}
+    if out_dir.is_dir() and not checkpoint.is_run(out_dir) and \
+            any(p.name != checkpoint.LOCK_NAME for p in out_dir.iterdir()):
+        fail(f"{out_dir} is not empty and holds no calft run (no {checkpoint.RUN_MARKER}): choose "
+             "another --output-dir, or an empty or new one")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        locked = checkpoint.hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until the script ends
+    except OSError as err:
+        fail(f"cannot write to --output-dir {out_dir}: {err.strerror or err}")
+    if not locked:
+        fail(f"another calft.train process is running in {out_dir} (it holds "
+             f"{out_dir / checkpoint.LOCK_NAME}): wait for it to finish, or choose another --output-dir")
+    if checkpoint.is_run(out_dir):
+        try:
+            old = json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        old = {k: v for k, v in old.items() if k not in RUN_ONLY_FIELDS}
         if cfg.overwrite:
-            shutil.rmtree(out_dir)
+            checkpoint.remove_run(out_dir)  # only the files calft wrote
         elif old != train_fields:
             diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
                     if old.get(k) != train_fields.get(k)}
@@ -243,7 +305,13 @@ if master:
         elif not cfg.resume:
             fail(f"{out_dir} already holds this run: pass --resume to continue it or --overwrite "
                  "to start over")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        elif checkpoint.recover(out_dir) is None and metrics_path.exists():
+            print(f"calft.train: warning: {out_dir} has no checkpoint (the run stopped before its "
+                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
+    elif cfg.resume:
+        print(f"calft.train: warning: no run in {out_dir} yet: --resume starts a new one",
+              file=sys.stderr, flush=True)
+    checkpoint.record_files(out_dir, ["config.json", "metrics.jsonl"])
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}")
@@ -282,8 +350,11 @@ if master:
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
 
-model = load_model(cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                   device=device)
+try:
+    model = load_model(cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       device=device)
+except ValueError as err:
+    fail(str(err))
 if model.config.vocab_size < len(tokenizer):
     fail(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
 try:
@@ -328,66 +399,106 @@ def get_lr(step: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: adapter + optimizer + step + RNG states, written to a temp dir and renamed
+# checkpoints (calft/checkpoint.py): trainable tensors + optimizer + RNG states as safetensors,
+# the rest as JSON, written to a temp dir and rotated in; nothing is unpickled on --resume
 
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+trainable_names = {n for n, p in objective.named_parameters() if p.requires_grad}
 
 
-def rng_state_of_this_rank() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+def trainable_state() -> dict:
+    """Full (gathered) trainable tensors only: never the frozen base, tied LM head included."""
+    return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
 
 
-def save_checkpoint(step: int, path: Path = ckpt_dir):
-    """Collective under FSDP (every rank gathers), then rank 0 writes `path` atomically."""
-    lora = get_model_state_dict(objective, options=FULL)
+def save_checkpoint(step: int):
+    """Collective under FSDP (every rank gathers), then rank 0 writes ckpt_dir atomically."""
+    lora = trainable_state()
     optim = get_optimizer_state_dict(objective, optimizer, options=FULL)
-    rng = [rng_state_of_this_rank()]
+    rng = [checkpoint.rng_states(device.type == "cuda")]
     if distributed:  # every rank's generators (dropout draws differ by rank)
         rng = [None] * world_size
-        dist.all_gather_object(rng, rng_state_of_this_rank())
+        dist.all_gather_object(rng, checkpoint.rng_states(device.type == "cuda"))
     if not master:
         return
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=out_dir))
-    model.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in lora.items()})
-    torch.save({"step": step, "epoch": step // spe, "step_in_epoch": step % spe, "config": asdict(cfg),
-                "elapsed_s": elapsed_before + time.time() - t_start,
-                "model": lora, "optimizer": optim, "rng": rng}, tmp / "state.pt")
-    old = out_dir / ".checkpoint.old"
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    rng_json, rng_tensors = checkpoint.pack_rng(rng)
+    optim_json, optim_tensors = checkpoint.pack_optimizer(optim)
+    meta = {"step": step, "epoch": step // spe, "step_in_epoch": step % spe, "config": asdict(cfg),
+            "train_time_s": elapsed_before + time.time() - t_start, "tokens": tokens_before + tokens_seen,
+            "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(),
+            "world_size": world_size, "rng": rng_json, "optimizer": optim_json}
+    adapter = {k.removeprefix("model."): v for k, v in lora.items()}
+    try:
+        checkpoint.save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
+                        meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+    except checkpoint.CheckpointError as err:
+        fail(str(err), status=1)
 
 
-step, elapsed_before, metrics_path = 0, 0.0, out_dir / "metrics.jsonl"
+# resume: step, timings, token count and last loss carry over; the run's segments add up
+step, elapsed_before, tokens_before, segment = 0, 0.0, 0, 1
+last_loss = float("nan")  # of the last step taken (the summary's final_loss)
 t_start = time.time()  # training time of this process; elapsed_before = earlier processes
-resume_from = ckpt_dir if ckpt_dir.exists() else out_dir / ".checkpoint.old"  # crash mid-rename
-if cfg.resume and (resume_from / "state.pt").is_file():
-    state = torch.load(resume_from / "state.pt", map_location="cpu", weights_only=False)
-    set_model_state_dict(objective, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    step, elapsed_before = state["step"], state["elapsed_s"]
-    rng = state["rng"][rank if len(state["rng"]) == world_size else 0]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
+if cfg.resume and ckpt_dir.exists():
+    try:
+        tensors, state = checkpoint.load(ckpt_dir)
+        lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        if set(lora) != trainable_names:
+            raise checkpoint.CheckpointError(f"{ckpt_dir} holds {len(lora)} trainable tensors, but "
+                                             f"this model has {len(trainable_names)} (or other names)")
+        set_model_state_dict(objective, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(objective, optimizer, checkpoint.unpack_optimizer(state["optimizer"], tensors),
+                                 options=StateDictOptions(full_state_dict=True))
+        rng = checkpoint.unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
+    except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError) as err:
+        fail(f"cannot resume from {ckpt_dir}: {err}. Nothing was changed; pass --overwrite instead of "
+             "--resume to start this run over")
+    checkpoint.set_rng_states(rng, device.type == "cuda")
+    step, elapsed_before, tokens_before = state["step"], state["train_time_s"], state["tokens"]
+    last_loss, segment = state["loss"], state["segments"] + 1
     if master:
-        print(f"resumed from {resume_from} at step {step} (epoch {state['epoch']}, "
+        print(f"resumed from {ckpt_dir} at step {step} (epoch {state['epoch']}, "
               f"step {state['step_in_epoch']} of {spe})")
-        if metrics_path.exists():  # drop steps logged after that checkpoint: they are redone
-            lines = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        if state["threads"] != torch.get_num_threads():
+            print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
+                  f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
+                  "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
+        if metrics_path.exists():  # drop steps logged after that checkpoint (redone) and a torn last line
+            kept = []
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
 elif master:
-    if cfg.resume:
-        print(f"no checkpoint in {out_dir}: starting from scratch")
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
+
+
+def end_processes():
+    """Release the run-directory lock; under torchrun, let every rank arrive, then free the
+    DDP/FSDP objects and destroy the process group while the interpreter is still whole. Left to
+    interpreter shutdown, gloo's worker threads could still hold finished work objects whose
+    tensors need the GIL: a rank then died with SIGABRT after its last line of output."""
+    global wrapped, objective, model, optimizer, trainable
+    checkpoint.release_locks()
+    if distributed:
+        dist.barrier()
+        del wrapped, objective, model, optimizer, trainable
+        gc.collect()
+        dist.destroy_process_group()
+
+
+if step >= max_steps and (out_dir / "summary.json").is_file():  # --resume of a finished run
+    if master:
+        print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
+    end_processes()
+    sys.exit(0)
 
 # SIGINT / SIGTERM: finish the current step, checkpoint, exit 128 + signal (a second Ctrl-C kills)
 stop_signal = 0
@@ -407,7 +518,7 @@ previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, 
 bar = tqdm(total=max_steps, initial=step, disable=not (master and cfg.progress), desc="train",
            dynamic_ncols=True)
 plan_epoch, plan = -1, None
-tokens_seen, exit_code, loss_value = 0, 0, float("nan")
+tokens_seen, exit_code = 0, 0  # tokens of this process (tokens_before: of earlier ones)
 while step < max_steps:
     t0 = time.time()
     epoch, pos = divmod(step, spe)
@@ -455,6 +566,7 @@ while step < max_steps:
     optimizer.zero_grad(set_to_none=True)
     step += 1
     tokens_seen += step_tokens
+    last_loss = loss_value
     dt = time.time() - t0
     if master:
         record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
@@ -478,22 +590,26 @@ for signum, handler in previous_handlers.items():
     signal.signal(signum, handler)
 train_time = time.time() - t_start
 if exit_code or step < max_steps:
-    if distributed:
-        dist.destroy_process_group()
+    end_processes()
     sys.exit(exit_code)
 
 # ------------------------------------------------------------------------------------------------
 # outputs: adapter + tokenizer at the top of --output-dir, then base vs fine-tuned evaluation
 
-if master:
-    model.save_pretrained(out_dir, state_dict={k.removeprefix("model."): v.detach().cpu() for k, v in
-                                               get_model_state_dict(objective, options=FULL).items()})
-    tokenizer.save_pretrained(out_dir)
+if master:  # the run marker lists every file written here (--overwrite deletes only those)
+    card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
+    checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
+    model.save_pretrained(out_dir, state_dict={k.removeprefix("model."): v.detach().cpu()
+                                               for k, v in trainable_state().items()})
+    checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
 elif cfg.fsdp:
-    get_model_state_dict(objective, options=FULL)  # collective: every rank takes part
-summary = {"steps": step, "epochs": step / spe, "final_loss": loss_value, "train_time_s": train_time,
-           "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-           "processes": world_size}
+    trainable_state()  # collective: every rank takes part
+# every segment of a resumed run counts: time and tokens come from the checkpoint
+train_time = elapsed_before + train_time
+summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_time_s": train_time,
+           "tokens": tokens_before + tokens_seen,
+           "tokens_per_s": (tokens_before + tokens_seen) / max(train_time, 1e-9),
+           "processes": world_size, "segments": segment}
 if cfg.eval and cfg.fsdp and master:
     print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter "
           "with python -m calft.eval")
@@ -535,15 +651,17 @@ if cfg.eval and master and not cfg.fsdp:
                       title=f"{split}: model vs target mean and sd")
         results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
                           "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
+        checkpoint.record_files(out_dir, [f"eval_table_{split}.md", f"tracking_{split}.png"])
         (out_dir / f"eval_table_{split}.md").write_text(f"{tracking}\n\n{table}\n")
+    checkpoint.record_files(out_dir, ["eval.json"])
     (out_dir / "eval.json").write_text(json.dumps(
         {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))
     summary.update(eval_time_s=time.time() - t_eval,
                    eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
                          for k, v in results.items()})
 if master:
-    summary["process_time_s"] = time.time() - t_launch  # setup + data + training + evaluation
+    summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation
+    checkpoint.record_files(out_dir, ["summary.json"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
-if distributed:
-    dist.destroy_process_group()
+end_processes()

@@ -1,8 +1,10 @@
 """python -m calft.train on the tiny model: learning, outputs, adapter reload, exact resume,
 SIGINT, torchrun (gloo) equivalence, hard mode, and the clear errors for bad input.
 
-Training runs are subprocesses (the script installs signal handlers and may start process
-groups); the bad-input cases fail before any work, so they run in-process through runpy.
+Runs that need their own process (signals, torchrun) are subprocesses; the others go through
+runpy in this process. Two runs are compared bit for bit only at the same thread count (float
+sums depend on it): both in this process under `threads(n)`, or both subprocesses with one
+OMP_NUM_THREADS. Faults (kills, damaged files, disk full, locks) are in tests/test_reliability.py.
 """
 import json
 import os
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,11 +61,32 @@ def run_inline(args, cache_dir):
     except SystemExit as exc:
         assert exc.code in (0, None), f"calft.train exited with {exc.code}"
     finally:
+        from calft.checkpoint import release_locks
+
+        release_locks()  # the run directory's lock, had the script died of an exception
         sys.argv = saved_argv
         if saved_cache is None:
             os.environ.pop("CALFT_CACHE_DIR", None)
         else:
             os.environ["CALFT_CACHE_DIR"] = saved_cache
+
+
+@contextmanager
+def threads(n):
+    """torch's intra-op thread count inside the block (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def load_state(ckpt_dir):
+    """(tensors, meta) of a checkpoint folder (safetensors + JSON, nothing unpickled)."""
+    from calft import checkpoint
+
+    return checkpoint.load(ckpt_dir)
 
 
 def read_metrics(out_dir):
@@ -125,7 +149,8 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
     out = full_run
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.json", "metrics.jsonl",
                  "summary.json", "eval.json", "eval_table_test_selected.md", "eval_table_test_within_range.md",
-                 "tracking_test_within_range.png", "checkpoint/state.pt"):
+                 "tracking_test_within_range.png", "checkpoint/state.json", "checkpoint/state.safetensors",
+                 ".calft-run.json"):
         assert (out / name).is_file(), name
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -140,7 +165,10 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
         logits = reloaded(input_ids=x).logits
         assert torch.equal(logits, load_adapter(tiny_model_dir, out / "checkpoint")(input_ids=x).logits)
         fresh = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0)
-        state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["model"]
+        tensors, _ = load_state(out / "checkpoint")
+        state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+        # trainable tensors only: no frozen base weight (the tied LM head included)
+        assert state and all("lora_" in k for k in state), sorted(state)[:5]
         missing = fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
         assert not missing.unexpected_keys
         fresh.eval()
@@ -163,22 +191,32 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
 
 
-def test_resume_equals_uninterrupted(full_run, tiny_model_dir, tmp_path, env):
-    out = tmp_path / "resumed"
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, env, n_threads):
+    """Resume's guarantee: the same losses, bit for bit, at the same thread count (module doc)."""
     cache = env["CALFT_CACHE_DIR"]
-    run_inline(tiny_args(tiny_model_dir, out, "--stop-at-step", "2"), cache)
-    assert [m["step"] for m in read_metrics(out)] == [1, 2]
-    with (out / "metrics.jsonl").open("a") as fh:  # a step logged after the checkpoint, then lost
-        fh.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
-    run_inline(tiny_args(tiny_model_dir, out, "--resume"), cache)
-    want, got = read_metrics(full_run), read_metrics(out)
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    with threads(n_threads):
+        run_inline(tiny_args(tiny_model_dir, full), cache)
+        run_inline(tiny_args(tiny_model_dir, out, "--stop-at-step", "2"), cache)
+        assert [m["step"] for m in read_metrics(out)] == [1, 2]
+        with (out / "metrics.jsonl").open("a") as fh:  # a step logged after the checkpoint, then
+            fh.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")  # lost, and a line torn by a kill
+            fh.write('{"step": 4, "lo')
+        run_inline(tiny_args(tiny_model_dir, out, "--resume"), cache)
+    want, got = read_metrics(full), read_metrics(out)
     assert [m["step"] for m in got] == list(range(1, 7))
     assert [m["loss"] for m in got] == [m["loss"] for m in want]  # exactly, not approximately
     assert [m["grad_norm"] for m in got] == [m["grad_norm"] for m in want]
     from safetensors.torch import load_file
 
-    a, b = load_file(full_run / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the summary covers both segments of the resumed run
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, out))
+    assert sb["tokens"] == sa["tokens"] > 0 and sb["final_loss"] == sa["final_loss"] == want[-1]["loss"]
+    assert (sa["segments"], sb["segments"]) == (1, 2)
+    assert sb["train_time_s"] >= got[1]["elapsed_s"] > 0  # the first segment's time is included
 
 
 def test_sigint_leaves_loadable_checkpoint(tiny_model_dir, tmp_path, env):
@@ -196,7 +234,7 @@ def test_sigint_leaves_loadable_checkpoint(tiny_model_dir, tmp_path, env):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, (stdout[-2000:], stderr[-3000:])
     assert "Traceback" not in stderr and "SIGINT" in stdout
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    _, state = load_state(out / "checkpoint")
     assert state["step"] == len(read_metrics(out)) >= 2
     model = load_adapter(tiny_model_dir, out / "checkpoint")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
@@ -247,9 +285,14 @@ def test_hard_mode_trains(tiny_model_dir, tmp_path, env):
 # bad input: a clear one-line error, exit status 2, before any model is loaded or data prepared
 
 def train_in_process(args, monkeypatch, capsys):
+    from calft.checkpoint import release_locks
+
     monkeypatch.setattr(sys, "argv", ["calft.train", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        runpy.run_module("calft.train", run_name="__main__")
+    try:
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_module("calft.train", run_name="__main__")
+    finally:
+        release_locks()
     return exc.value.code, capsys.readouterr().err
 
 
@@ -263,35 +306,85 @@ def no_eos_model_dir(tiny_model_dir, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["bad_path", "no_eos", "unknown_family", "held_out_family", "unknown_flag",
-                                  "bad_type", "bad_mode", "foreign_dir", "other_config", "same_run"])
-def test_bad_input_gives_clear_error(case, tiny_model_dir, no_eos_model_dir, full_run, tmp_path, monkeypatch,
-                                     capsys):
+@pytest.fixture
+def tokenizer_only_dir(tiny_model_dir, tmp_path):
+    """A directory with the tokenizer files but no config.json or weights."""
+    path = tmp_path / "tok_only"
+    path.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
+    "bad_path": (["--model", "{tmp}/nope"], "could not load model"),
+    "no_eos": (["--model", "{no_eos}"], "no EOS token"),
+    "tokenizer_only": (["--model", "{tok_only}"], "no model weights"),
+    "unknown_family": (["--families", "gausian"], "gaussian"),
+    "held_out_family": (["--families", "poisson"], "held out"),
+    "unknown_flag": (["--learning-rate", "3"], "unrecognized arguments"),
+    "bad_type": (["--lr", "fast"], "invalid float value"),
+    "bad_mode": (["--mode", "medium"], "invalid choice: 'medium'"),
+    "num_decimals_40": (["--num-decimals", "40"], "--num-decimals must be in [0, 15]"),
+    "eval_decimals_40": (["--eval-decimals", "40"], "--eval-decimals must be in [0, 15]"),
+    "eval_bins_0": (["--eval-bins", "0"], "--eval-bins must be >= 1"),
+    "eval_split_typo": (["--eval-split", "test_within_range,test_selectd"], "unknown split 'test_selectd'"),
+    "eval_samples_negative": (["--eval-samples", "-3"], "--eval-samples must be >= 0"),
+    "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    "lora_alpha_0": (["--lora-alpha", "0"], "--lora-alpha > 0"),
+    "max_steps_negative": (["--max-steps", "-5"], "--max-steps must be >= 1, or -1"),
+    "cuda_without_gpu": (["--device", "cuda"], "torch sees no CUDA GPU"),
+    "output_is_file": ([], "is a file, not a directory"),
+    "output_unwritable": (["--output-dir", "/proc/calft-run"], "cannot write to --output-dir"),
+    "foreign_dir": ([], "holds no calft run"),
+    "model_dir_as_output": ([], "holds no calft run"),
+    "other_config": (["--lr", "0.5"], "different config"),
+    "same_run": ([], "--resume"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_gives_clear_error(case, tiny_model_dir, no_eos_model_dir, tokenizer_only_dir, full_run,
+                                     tmp_path, monkeypatch, capsys):
+    """Exit status 2 and one line, before any work: nothing written (no config.json), no run touched."""
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
     out = full_run if case in ("other_config", "same_run") else tmp_path / "out"
     if case == "foreign_dir":
         out.mkdir()
         (out / "notes.txt").write_text("not a run")
-    before = (full_run / "metrics.jsonl").read_text()
-    extra, message = {
-        "bad_path": (["--model", str(tmp_path / "nope")], "could not load model"),
-        "no_eos": (["--model", str(no_eos_model_dir)], "no EOS token"),
-        "unknown_family": (["--families", "gausian"], "gaussian"),
-        "held_out_family": (["--families", "poisson"], "held out"),
-        "unknown_flag": (["--learning-rate", "3"], "unrecognized arguments"),
-        "bad_type": (["--lr", "fast"], "invalid float value"),
-        "bad_mode": (["--mode", "medium"], "invalid choice: 'medium'"),
-        "foreign_dir": ([], "holds no calft run"),
-        "other_config": (["--lr", "0.5"], "different config"),
-        "same_run": ([], "--resume"),
-    }[case]
+    if case == "model_dir_as_output":  # holds a config.json, but calft did not create it
+        out = tmp_path / "model_copy"
+        shutil.copytree(tiny_model_dir, out)
+    if case == "output_is_file":
+        out.write_text("a file")
+    before = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} if out.exists() else None
+    metrics_before = (full_run / "metrics.jsonl").read_text()
+    extra, message = BAD_INPUT[case]
+    extra = [x.format(tmp=tmp_path, no_eos=no_eos_model_dir, tok_only=tokenizer_only_dir) for x in extra]
     code, err = train_in_process(tiny_args(tiny_model_dir, out) + extra, monkeypatch, capsys)
     assert code == 2
-    assert message in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err  # one line (argparse adds its usage above)
     assert "Traceback" not in err
-    assert (full_run / "metrics.jsonl").read_text() == before
+    assert (full_run / "metrics.jsonl").read_text() == metrics_before
     if out != full_run:
-        assert not (out / "metrics.jsonl").exists()
+        assert "--overwrite" not in errors[0]  # never offered for a directory calft did not create
+        after = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} if out.exists() else None
+        assert after == before  # nothing written: no config.json, no lock file, nothing deleted
+
+
+def test_overwrite_refuses_a_directory_calft_did_not_create(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A model directory (it has a config.json) is never deleted, even with --overwrite."""
+    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "model_copy"
+    shutil.copytree(tiny_model_dir, out)
+    before = sorted(p.name for p in out.iterdir())
+    code, err = train_in_process(tiny_args(tiny_model_dir, out, "--overwrite"), monkeypatch, capsys)
+    assert code == 2 and "holds no calft run" in err and "--overwrite" not in err.split("holds")[1]
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_non_finite_loss_stops_with_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -302,7 +395,7 @@ def test_non_finite_loss_stops_with_checkpoint(tiny_model_dir, tmp_path, monkeyp
     code, err = train_in_process(args, monkeypatch, capsys)
     assert code == 3
     assert "non-finite loss" in err and "Lower --lr" in err
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    _, state = load_state(out / "checkpoint")
     assert state["step"] == len(read_metrics(out)) == 1  # the finite step is kept, the NaN one is not
     assert not (out / "adapter_model.safetensors").exists()  # no "final" adapter from a failed run
 

@@ -1,0 +1,271 @@
+"""Run directories and checkpoints: ownership marker, locks, atomic save, rotation, recovery.
+
+A run directory (--output-dir) belongs to calft when it holds RUN_MARKER, a JSON file calft
+writes when a run starts and which lists every file the run wrote there. `--overwrite` deletes
+only those files (and the checkpoint folders), never a directory calft did not create and never a
+file the user put next to them.
+
+A checkpoint is a folder `checkpoint/` with:
+    adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT layout, loadable alone)
+    state.safetensors   tensors: trainable weights ("model/<name>"), optimizer state
+                        ("optim/<name>/<key>"), torch/CUDA RNG states ("rng/<rank>/torch")
+    state.json          everything else: step, config, timings, optimizer hyperparameters,
+                        python/numpy RNG states as plain lists, sha256 of state.safetensors;
+                        written last, so its presence marks a complete checkpoint
+Nothing is unpickled on load (safetensors + JSON only): a run directory downloaded from elsewhere
+cannot execute code. Only trainable tensors are stored (not the frozen, possibly tied, LM head).
+
+Saving writes a fresh `.checkpoint.tmp-*` folder and then rotates:
+    checkpoint/ -> .checkpoint.old/,  tmp -> checkpoint/,  remove .checkpoint.old/
+A kill at any point leaves a state `recover` repairs on the next start: a complete checkpoint/
+wins; otherwise a complete .checkpoint.old/ is moved back; temp folders are removed.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RUN_MARKER = ".calft-run.json"
+LOCK_NAME = ".calft.lock"  # flock'ed by the process that trains in the directory
+CKPT, OLD, TMP_PREFIX = "checkpoint", ".checkpoint.old", ".checkpoint.tmp-"
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+FORMAT = 2  # 1 = the pickled state.pt of calft <= 0.1 (no longer read)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written (disk full, permissions) or read (damaged)."""
+
+
+# ---- locks -------------------------------------------------------------------------------------
+@contextmanager
+def file_lock(path: Path, blocking: bool = True):
+    """Exclusive advisory lock (fcntl.flock) on `path`, created if needed; yields True once held
+    (blocking=False: yields False at once when another process holds it). Released when the block
+    ends or the process dies (the kernel drops the flocks of dead processes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+_HELD: dict[str, int] = {}  # path -> fd of the locks taken by hold_lock
+
+
+def hold_lock(path: Path) -> bool:
+    """Take the lock on `path` without waiting and keep it until release_locks() or the end of
+    the process. False when another process (or open file) holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _HELD[str(path)] = fd
+    return True
+
+
+def release_locks() -> None:
+    """Release every lock taken by hold_lock (a script run in-process, e.g. by runpy, ends)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+# ---- run marker ----------------------------------------------------------------------------------
+def is_run(out_dir: Path) -> bool:
+    """True when `out_dir` holds calft's own marker (a run calft started there)."""
+    try:
+        return json.loads((Path(out_dir) / RUN_MARKER).read_text()).get("calft_run") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def record_files(out_dir: Path, names) -> None:
+    """Add `names` (paths relative to out_dir) to the marker's list of files calft wrote."""
+    path = Path(out_dir) / RUN_MARKER
+    files = set(json.loads(path.read_text())["files"]) if path.is_file() else set()
+    files |= {str(n) for n in names}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
+    os.replace(tmp, path)
+
+
+def remove_run(out_dir: Path) -> None:
+    """Delete what a calft run wrote in `out_dir` (listed in its marker, plus checkpoint folders),
+    leaving every other file; the lock file stays (another process may be waiting on it)."""
+    out_dir = Path(out_dir)
+    files = json.loads((out_dir / RUN_MARKER).read_text()).get("files", [])
+    for name in files:
+        p = out_dir / name
+        if p.resolve().parent != out_dir.resolve() or name in (LOCK_NAME, RUN_MARKER):
+            continue  # only plain names directly inside the run dir
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    for d in [out_dir / CKPT, out_dir / OLD, *out_dir.glob(TMP_PREFIX + "*")]:
+        shutil.rmtree(d, ignore_errors=True)
+    (out_dir / RUN_MARKER).unlink()
+
+
+# ---- rotation ------------------------------------------------------------------------------------
+def is_complete(ckpt: Path) -> bool:
+    return (Path(ckpt) / STATE_JSON).is_file()
+
+
+def recover(out_dir: Path) -> Path | None:
+    """Repair whatever a kill left (module docstring); the checkpoint to resume from, or None."""
+    out_dir = Path(out_dir)
+    for tmp in out_dir.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    ckpt, old = out_dir / CKPT, out_dir / OLD
+    if ckpt.is_dir() and not is_complete(ckpt) and is_complete(old):
+        shutil.rmtree(ckpt)
+    if not ckpt.exists() and is_complete(old):
+        os.replace(old, ckpt)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt if ckpt.exists() else None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def save(out_dir: Path, tensors: dict, meta: dict, write_adapter=None) -> Path:
+    """Write a complete checkpoint into a temp folder, then rotate it in (module docstring).
+    On failure (disk full, ...) the temp folder is removed, the previous checkpoint is kept, and
+    CheckpointError says what happened."""
+    from safetensors.torch import save as save_tensors
+
+    out_dir = Path(out_dir)
+    ckpt, old = out_dir / CKPT, out_dir / OLD
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
+    try:
+        if write_adapter is not None:
+            write_adapter(tmp)
+        blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        _write_bytes(tmp / STATE_TENSORS, blob)
+        meta = {**meta, "format": FORMAT, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+        _write_bytes(tmp / STATE_JSON, json.dumps(meta, allow_nan=True).encode())  # last: complete
+        if old.exists():  # left by an earlier kill; checkpoint/ is complete here (recover ran)
+            shutil.rmtree(old)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        kept = f"; the previous checkpoint in {ckpt} is intact" if is_complete(ckpt) or is_complete(old) else ""
+        raise CheckpointError(f"could not write a checkpoint in {out_dir} ({why}){kept}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def load(ckpt: Path) -> tuple[dict, dict]:
+    """(tensors, meta) of a complete checkpoint; CheckpointError naming the problem otherwise."""
+    from safetensors.torch import load as load_tensors
+
+    ckpt = Path(ckpt)
+    if not is_complete(ckpt):
+        legacy = " (it holds a pickled state.pt of an older calft, which is never loaded)" \
+            if (ckpt / "state.pt").exists() else ""
+        raise CheckpointError(f"{ckpt} has no {STATE_JSON}: the checkpoint is incomplete{legacy}")
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        blob = (ckpt / STATE_TENSORS).read_bytes()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the checkpoint in {ckpt}: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / STATE_JSON} has format {meta.get('format')!r}, expected {FORMAT}")
+    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{ckpt / STATE_TENSORS} does not match the digest in {STATE_JSON}: "
+                              "the checkpoint is damaged")
+    try:
+        tensors = load_tensors(blob)
+    except Exception as err:  # safetensors raises its own error type
+        raise CheckpointError(f"cannot read {ckpt / STATE_TENSORS}: {err}") from err
+    return tensors, meta
+
+
+# ---- state <-> (tensors, JSON) -----------------------------------------------------------------------
+def pack_rng(states: list[dict]) -> tuple[list, dict]:
+    """Per-rank RNG states -> (JSON-able list, tensors). Each state: python = random.getstate(),
+    numpy = np.random.get_state(), torch / cuda = uint8 tensors (cuda may be None)."""
+    js, tensors = [], {}
+    for r, s in enumerate(states):
+        version, internal, gauss = s["python"]
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        js.append({"python": [version, list(internal), gauss],
+                   "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)]})
+        tensors[f"rng/{r}/torch"] = s["torch"]
+        if s.get("cuda") is not None:
+            tensors[f"rng/{r}/cuda"] = s["cuda"]
+    return js, tensors
+
+
+def unpack_rng(js: list, tensors: dict, rank: int) -> dict:
+    """This rank's RNG states (rank 0's when the world size changed)."""
+    r = rank if rank < len(js) else 0
+    version, internal, gauss = js[r]["python"]
+    name, keys, pos, has_gauss, cached = js[r]["numpy"]
+    return {"python": (version, tuple(internal), gauss),
+            "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+            "torch": tensors[f"rng/{r}/torch"], "cuda": tensors.get(f"rng/{r}/cuda")}
+
+
+def rng_states(with_cuda: bool) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if with_cuda else None}
+
+
+def set_rng_states(s: dict, with_cuda: bool) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if with_cuda and s["cuda"] is not None:
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def pack_optimizer(optim: dict) -> tuple[dict, dict]:
+    """A full optimizer state dict ({"state": {name: {key: value}}, "param_groups": [...]}) ->
+    (JSON-able dict without tensors, tensors keyed "optim/<name>/<key>")."""
+    js, tensors = {"state": {}, "param_groups": optim["param_groups"]}, {}
+    for name, entry in optim["state"].items():
+        js["state"][name] = {}
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{name}/{key}"] = v
+                js["state"][name][key] = {"tensor": f"optim/{name}/{key}"}
+            else:
+                js["state"][name][key] = v
+    return js, tensors
+
+
+def unpack_optimizer(js: dict, tensors: dict) -> dict:
+    state = {name: {key: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                    for key, v in entry.items()} for name, entry in js["state"].items()}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in js["param_groups"]]
+    return {"state": state, "param_groups": groups}
