@@ -99,6 +99,18 @@ def test_trie_loss_is_expected_path_loss(tiny64, tiny_tokenizer, prepared):
     assert together == pytest.approx(np.mean(one), rel=1e-9)
 
 
+def test_share_prompt_is_mean_path_loss(tiny64, tiny_tokenizer, prepared):
+    """max_nodes = 0 (soft --share-prompt): the k sampled paths of a prompt in one tree forward give
+    exactly the mean of their soft path losses (a path drawn twice counts twice)."""
+    objective = SparseKLLoss(tiny64)
+    for pi in range(len(prepared)):
+        losses = path_losses(objective, prepared, pi, tiny_tokenizer)
+        strings = tree_strings(prepared, pi, seed=3, epoch=1, num=5)
+        got = tree_loss(objective, prepared, [pi], tiny_tokenizer, max_nodes=0, samples_per_prompt=5,
+                        seed=3, epoch=1)
+        assert got == pytest.approx(losses[strings].mean(), rel=1e-6), (pi, strings)
+
+
 def test_weights_are_visit_mass_over_path_length(prepared):
     """w(v) = sum_{s visits v} p(s)/(L_s+1); root: E[1/(L+1)]; all on one length = mass/(L+1)."""
     for prep in prepared:
@@ -384,3 +396,82 @@ def test_node_with_1000_children_trains(float64_rmsnorm):
         opt.step()
     with torch.no_grad():
         assert objective(batch).item() < loss - 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m calft.train --mode trie
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["CALFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("calft_cache"))
+    e["OMP_NUM_THREADS"] = "1"  # every run at one thread: bitwise comparable (issue 11)
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def trie_args(model_dir, out_dir, *extra):
+    """tests/test_train.py's tiny run in trie mode: 8 prompts, batch 4 prompts (2 x 2 accumulation),
+    a cap of 12 nodes per prompt covered by 2 sampled paths, so the sampling must replay exactly."""
+    from test_train import tiny_args
+
+    args = tiny_args(model_dir, out_dir, "--mode", "trie", "--trie-max-nodes", "12", "--samples-per-prompt",
+                     "2", "--lora-dropout", "0", *extra)
+    return args
+
+
+@pytest.fixture(scope="module")
+def trie_run(tiny_model_dir, tmp_path_factory, env):
+    from test_train import run_train
+
+    out = tmp_path_factory.mktemp("runs") / "trie"
+    run_train(trie_args(tiny_model_dir, out, "--checkpoint-interval", "3"), env)
+    return out
+
+
+def test_trie_mode_trains(trie_run):
+    from test_train import read_metrics
+
+    metrics = read_metrics(trie_run)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all(np.isfinite(m["loss"]) and m["tokens"] > 0 for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (trie_run / "adapter_model.safetensors").is_file()
+    assert json.loads((trie_run / "config.json").read_text())["mode"] == "trie"
+
+
+def test_trie_mode_resume_equals_uninterrupted(trie_run, tiny_model_dir, tmp_path, env):
+    from safetensors.torch import load_file
+    from test_train import read_metrics, run_train
+
+    out = tmp_path / "resumed"
+    run_train(trie_args(tiny_model_dir, out, "--stop-at-step", "2"), env)
+    run_train(trie_args(tiny_model_dir, out, "--resume"), env)
+    want, got = read_metrics(trie_run), read_metrics(out)
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]  # exactly, not approximately
+    assert [m["grad_norm"] for m in got] == [m["grad_norm"] for m in want]
+    a, b = load_file(trie_run / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trie_mode_torchrun_two_processes_match_one(trie_run, tiny_model_dir, tmp_path, env):
+    from safetensors.torch import load_file
+    from test_train import read_metrics, run_train
+
+    run_train(trie_args(tiny_model_dir, tmp_path / "two"), env, torchrun=2)
+    one, two = read_metrics(trie_run), read_metrics(tmp_path / "two")
+    for a, b in zip(one, two):  # same global batch; fp32 sums in another order
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    a, b = load_file(trie_run / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_share_prompt_runs(tiny_model_dir, tmp_path, env):
+    from test_train import read_metrics, run_inline, tiny_args
+
+    out = tmp_path / "shared"
+    run_inline(tiny_args(tiny_model_dir, out, "--share-prompt", "--samples-per-prompt", "3"), env["CALFT_CACHE_DIR"])
+    metrics = read_metrics(out)
+    assert len(metrics) == 6 and all(np.isfinite(m["loss"]) for m in metrics)
