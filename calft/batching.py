@@ -256,7 +256,7 @@ def tree_strings(prompts: Sequence, prompt_index: int, *, seed: int, epoch: int,
 
 def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, global_batch: int,
                      max_nodes: int = -1, samples_per_prompt: int = 1, seed: int = 0,
-                     epoch: int = 0) -> Batch:
+                     epoch: int = 0, pack: bool = False) -> Batch:
     """Collate the prompts of ``items`` (column 0 = prompt index) into a tree :class:`Batch`.
 
     Row b is prompt b's P tokens followed by one token per chosen non-root node (tree_rows), with
@@ -264,6 +264,12 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
     itself only). Trained rows: the prompt's last position (root) and every chosen node, each
     with the trie's soft target q(.|v) and the weight w(v) / G (G = global_batch, in prompts),
     so the sum over a step is (1/G) sum_prompts E_{s~p}[soft path loss of s].
+
+    pack=True: one row [1, N] instead, with no padding: the prompts' common leading tokens (the
+    chat template's system turn) once, then each prompt's remaining tokens and nodes; prompt b's
+    tokens see the common prefix and their own block only (its tree_layout mask, relocated). N is
+    about sum_b (P_b + C_b) - (B-1) P0, against B x max_b(P_b + C_b) padded, but the attention
+    is N x N: meant for small tries and micro-batches (CPU), not for thousands of nodes each.
     """
     seqs, positions, keeps, gather, row_lens, ids, probs, weights = [], [], [], [], [], [], [], []
     for p in np.asarray(items)[:, 0]:
@@ -298,6 +304,9 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
         tree_mask[b, :n, :n] = keeps[b]
         flat.extend(b * T + r for r in gather[b])
     prefix_len = shared_prefix_len(input_ids, min(len(prompts[int(p)].prompt_ids) for p in np.asarray(items)[:, 0]))
+    if pack:
+        input_ids, mask, position_ids, tree_mask, flat = pack_rows(seqs, positions, keeps, gather, prefix_len)
+        prefix_len = 0
     row_ptr = np.zeros(len(row_lens) + 1, dtype=np.int64)
     np.cumsum(row_lens, out=row_ptr[1:])
     targets = SparseTargets(torch.from_numpy(row_ptr),
@@ -306,6 +315,24 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), torch.tensor(flat, dtype=torch.int64),
                  targets, torch.from_numpy(np.concatenate(weights).astype(np.float32)), int(mask.sum()),
                  prefix_len, torch.from_numpy(position_ids), torch.from_numpy(tree_mask))
+
+
+def pack_rows(seqs, positions, keeps, gather, prefix_len: int):
+    """Token lists b (ids, positions, keep [n_b, n_b], trained indices) -> one row [1, N] whose
+    first prefix_len tokens are shared; returns (input_ids, attention_mask, position_ids,
+    tree_mask [1, N, N], flat trained indices)."""
+    P0 = prefix_len
+    N = P0 + sum(len(x) - P0 for x in seqs)
+    input_ids, position_ids = np.zeros((1, N), dtype=np.int64), np.zeros((1, N), dtype=np.int64)
+    tree_mask = np.zeros((1, N, N), dtype=bool)
+    flat, offset = [], P0
+    for x, pos, keep, rows in zip(seqs, positions, keeps, gather):
+        idx = np.concatenate([np.arange(P0), offset + np.arange(len(x) - P0)])  # local -> packed index
+        offset += len(x) - P0
+        input_ids[0, idx], position_ids[0, idx] = x, pos
+        tree_mask[0][np.ix_(idx, idx)] |= keep
+        flat.extend(idx[rows].tolist())
+    return input_ids, np.ones((1, N), dtype=np.int64), position_ids, tree_mask, flat
 
 
 def shared_prefix_len(input_ids: np.ndarray, shortest_prompt: int) -> int:

@@ -85,6 +85,8 @@ class TrainConfig:
                                "weight first) and the rest along sampled paths (unbiased); -1 = all")
     share_prompt: bool = knob(False, "soft mode: the --samples-per-prompt strings of a prompt share one "
                               "tree-attention forward of the prompt (--batch-size then counts prompts)")
+    trie_pack: bool = knob(False, "trie mode / --share-prompt: pack a micro-batch's prompts into one row "
+                           "without padding, their common prefix once (N x N attention: small tries)")
     # optimization
     epochs: int = knob(3, "passes over the prompts (sets the step count when --max-steps is -1)")
     max_steps: int = knob(-1, "optimizer steps; the cosine schedule spans them; -1 = epochs x steps/epoch")
@@ -439,7 +441,7 @@ while step < max_steps:
             batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=cfg.batch_size,
                                      max_nodes=0 if cfg.share_prompt else cfg.trie_max_nodes,
                                      samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                     epoch=epoch).to(device)
+                                     epoch=epoch, pack=cfg.trie_pack).to(device)
         else:
             batch = build_batch(prompts, micro_items, mode=cfg.mode, pad_id=pad_id, eos_id=eos_id,
                                 global_batch=cfg.batch_size, global_positions=global_positions).to(device)

@@ -97,6 +97,11 @@ def test_trie_loss_is_expected_path_loss(tiny64, tiny_tokenizer, prepared):
     with torch.no_grad():
         together = objective(batch).item()
     assert together == pytest.approx(np.mean(one), rel=1e-9)
+    packed = build_tree_batch(prepared, np.array([[pi, 0] for pi in range(len(prepared))]),
+                              pad_id=tiny_tokenizer.pad_token_id, global_batch=len(prepared), pack=True)
+    assert packed.input_ids.shape == (1, batch.num_tokens - (len(prepared) - 1) * batch.prefix_len)
+    with torch.no_grad():
+        assert objective(packed).item() == pytest.approx(np.mean(one), rel=1e-9)
 
 
 def test_share_prompt_is_mean_path_loss(tiny64, tiny_tokenizer, prepared):
@@ -260,11 +265,11 @@ def support_prompt(tok, family, params, decimals=1, max_bins=30):
                            trie=build_trie(answers, np.asarray(sup.probs), eos_id=tok.eos_token_id))
 
 
-def training_edge_log_probs(model, prompts, eos_id, pad_id) -> list[np.ndarray]:
+def training_edge_log_probs(model, prompts, eos_id, pad_id, pack=False) -> list[np.ndarray]:
     """log m(t|v) at every edge of each prompt's trie, from the training path (tree batch of all
-    prompts, padded, prefix sharing on, LM head on the gathered rows), float64 log-softmax."""
+    prompts, padded with prefix sharing or packed, LM head on the gathered rows), float64 log-softmax."""
     batch = build_tree_batch(prompts, np.array([[i, 0] for i in range(len(prompts))]), pad_id=pad_id,
-                             global_batch=len(prompts))
+                             global_batch=len(prompts), pack=pack)
     with torch.no_grad():
         h = SparseKLLoss(model).hidden_rows(batch)  # [N, H]
         weight, bias = lm_head_weight(model)
@@ -293,10 +298,11 @@ def test_training_forward_equals_score_trie(tiny_model_dir, tiny_tokenizer):
             torch.nn.init.normal_(prm, std=0.3)
     prompts = [support_prompt(tok, "gaussian", {"mu": 0.5, "sigma": 0.8}),
                support_prompt(tok, "binomial", {"n": 12, "p": 0.4}, decimals=0)]
-    got = training_edge_log_probs(model, prompts, tok.eos_token_id, tok.pad_token_id)
-    for prep, edge in zip(prompts, got):
-        want = score_trie(model, prep.prompt_ids, prep.trie, chunk_size=7)
-        assert np.abs(edge - want).max() < 2e-5, np.abs(edge - want).max()
+    for pack in (False, True):
+        got = training_edge_log_probs(model, prompts, tok.eos_token_id, tok.pad_token_id, pack=pack)
+        for prep, edge in zip(prompts, got):
+            want = score_trie(model, prep.prompt_ids, prep.trie, chunk_size=7)
+            assert np.abs(edge - want).max() < 2e-5, (pack, np.abs(edge - want).max())
 
 
 WINDOW = 8  # shorter than every prompt (~60 tokens) and than prompt + answer
@@ -335,14 +341,16 @@ def test_sliding_window_layers(kind, impl, tiny_tokenizer):
                support_prompt(tok, "gaussian", {"mu": -1.0, "sigma": 0.5})]
     assert len(prompts[0].prompt_ids) > 4 * WINDOW
     trained = training_edge_log_probs(model, prompts, tok.eos_token_id, tok.pad_token_id)
-    for prep, edge in zip(prompts, trained):
+    packed = training_edge_log_probs(model, prompts, tok.eos_token_id, tok.pad_token_id, pack=True)
+    for prep, edge, edge_packed in zip(prompts, trained, packed):
         ref = ev.sequence_log_probs_ref(model, prep.prompt_ids, prep.answer_ids, tok.eos_token_id)
         for chunk in (256, 5):
             got = ev.node_log_mass(prep.trie, score_trie(model, prep.prompt_ids, prep.trie, chunk_size=chunk))
             got = got[prep.trie.sequence_leaf]
             assert np.abs(got - ref).max() < 1e-5, f"chunk {chunk}: max err {np.abs(got - ref).max():.3g}"
-        from_training = ev.node_log_mass(prep.trie, edge)[prep.trie.sequence_leaf]
-        assert np.abs(from_training - ref).max() < 1e-5, np.abs(from_training - ref).max()
+        for e in (edge, edge_packed):
+            from_training = ev.node_log_mass(prep.trie, e)[prep.trie.sequence_leaf]
+            assert np.abs(from_training - ref).max() < 1e-5, np.abs(from_training - ref).max()
     wide = sliding_model(kind, len(tok), tok.eos_token_id, tok.pad_token_id, impl)
     wide.config.sliding_window = 4096  # same weights, window longer than everything
     for layer in wide.modules():
@@ -472,6 +480,7 @@ def test_share_prompt_runs(tiny_model_dir, tmp_path, env):
     from test_train import read_metrics, run_inline, tiny_args
 
     out = tmp_path / "shared"
-    run_inline(tiny_args(tiny_model_dir, out, "--share-prompt", "--samples-per-prompt", "3"), env["CALFT_CACHE_DIR"])
+    run_inline(tiny_args(tiny_model_dir, out, "--share-prompt", "--samples-per-prompt", "3", "--trie-pack"),
+               env["CALFT_CACHE_DIR"])
     metrics = read_metrics(out)
     assert len(metrics) == 6 and all(np.isfinite(m["loss"]) for m in metrics)
