@@ -21,6 +21,17 @@ ranks) and reduction "sum" over the rows of all of them:
   mean);
 - hard: the target is the actual next token with probability 1 (cross-entropy = KL with a one-hot
   target); every row has the weight 1 / (total trained positions of the step): a token-level mean.
+- trie (build_tree_batch; G counts prompts): one row per prompt holds the prompt and one token per
+  trie node (calft.tree: tree attention), and every node v with children is a trained row with
+  target q(. | v) and weight w(v) / G, where w(v) = sum over the strings s whose path visits v of
+  p(s) / (L_s + 1). Then ``sum_v w(v) KL_v = E_{s~p}[(1/(L_s+1)) sum_{v in path(s)} KL_v]``: the
+  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (SPEC.md
+  section 5 phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
+  have L tokens, and w is the one that keeps the soft mode's per-sequence mean, so the losses and
+  learning rates of the two modes are comparable when lengths differ, e.g. "1" vs "12".)
+  --trie-max-nodes keeps the heaviest nodes exact and estimates the rest without bias from
+  sampled paths; --share-prompt (max nodes 0) is the soft loss of k sampled strings per prompt
+  in one tree forward of the prompt.
 
 Order (SPEC.md section 7): for epoch e, the items are shuffled within each family with a
 ``numpy`` Generator seeded by (seed, e), then taken round-robin across the families (in the

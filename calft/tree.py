@@ -205,6 +205,7 @@ def forward_tree(model, input_ids: torch.Tensor, query_positions: torch.Tensor, 
     input_ids, query_positions [B, Q]; keep [B, Q, K] bool over the K = (cached + Q) keys whose
     positions are key_positions [B, K]. With a cache (from full_cache) the Q tokens are appended.
     """
+    check_tree_attention(model)
     body = decoder(model)
     masks = attention_masks(model, keep, query_positions, key_positions, unwrap(model).dtype)
     kwargs = {cache_kwarg(body): cache, "use_cache": True} if cache is not None else {"use_cache": False}
@@ -243,7 +244,6 @@ def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
     recomputes. A chunk is thus closed under ancestors, and its attention is C x (P + C) whatever
     the trie size; the prompt's KV cache is shared by all chunks. Log-softmax is float64.
     """
-    check_tree_attention(model)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     row_ptr = np.asarray(trie.row_ptr, dtype=np.int64)

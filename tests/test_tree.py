@@ -11,9 +11,6 @@
 """
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,10 +24,8 @@ from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import lm_head_weight
 from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids
 from calft.support import build_support
-from calft.tree import forward_tree_batch, score_trie
+from calft.tree import score_trie
 from calft.trie import build_trie
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +224,15 @@ def test_node_cap(tiny64, tiny_tokenizer, prepared):
     capped = tree_loss(objective, prepared, [pi], tok, max_nodes=internal.size, samples_per_prompt=3)
     assert capped == full_loss  # the cap at all nodes is the full trie loss, bit for bit
     cap, k = 5, 2
+    w_full = trie_row_weights(prep)
+    heaviest = internal[np.argsort(-w_full[internal], kind="stable")[:cap]]
     estimates = []
     for seed in range(3000):
         strings = np.random.default_rng(seed).choice(len(prep.answer_ids), size=k, p=normalized(prep))
         nodes, w = tree_rows(prep, max_nodes=cap, strings=strings)
         assert {0} <= set(nodes.tolist()) <= set(internal.tolist())
+        np.testing.assert_array_equal(w[np.isin(nodes, heaviest)], w_full[np.intersect1d(nodes, heaviest)])
+        assert np.isin(heaviest, nodes).all()  # the cap's nodes are always there, with their exact weight
         parents = np.asarray(prep.trie.parent)[nodes[nodes > 0]]
         assert np.isin(parents, nodes).all(), "not closed under ancestors"
         estimates.append(sum(wi * kl_of[int(v)] for v, wi in zip(nodes, w)))
