@@ -1,4 +1,4 @@
-"""Calibration fine-tuning with LoRA: soft (trie) targets or hard (sampled string) targets.
+"""Calibration fine-tuning with LoRA: soft (trie) targets, hard (sampled string) targets, or trie mode.
 
 Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
@@ -202,8 +202,12 @@ try:
         raise ValueError("need --lr > 0, 0 <= --warmup-frac < 1, 0 <= --min-lr-ratio <= 1, --grad-clip >= 0")
     if cfg.trie_max_nodes < -1:
         raise ValueError(f"--trie-max-nodes must be >= 0 or -1 (all), got {cfg.trie_max_nodes}")
+    if cfg.trie_max_nodes != -1 and cfg.mode != "trie":
+        raise ValueError("--trie-max-nodes applies to --mode trie")
     if cfg.share_prompt and cfg.mode != "soft":
         raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
+    if cfg.trie_pack and not (cfg.mode == "trie" or cfg.share_prompt):
+        raise ValueError("--trie-pack applies to --mode trie and --share-prompt")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
@@ -478,7 +482,8 @@ while step < max_steps:
     dt = time.time() - t0
     if master:
         record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": step_tokens, "tokens_per_s": step_tokens / dt, "elapsed_s": elapsed_before + time.time() - t_start}
+                  "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
+                  "elapsed_s": elapsed_before + time.time() - t_start}
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")

@@ -483,3 +483,16 @@ def test_share_prompt_runs(tiny_model_dir, tmp_path, env):
                env["CALFT_CACHE_DIR"])
     metrics = read_metrics(out)
     assert len(metrics) == 6 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--trie-max-nodes", "5"], "--trie-max-nodes applies to --mode trie"),
+    (["--mode", "trie", "--trie-max-nodes", "-2"], "--trie-max-nodes must be >= 0 or -1"),
+    (["--mode", "hard", "--share-prompt"], "--share-prompt applies to --mode soft"),
+    (["--trie-pack"], "--trie-pack applies to --mode trie and --share-prompt"),
+])
+def test_trie_flags_give_clear_errors(flags, message, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from test_train import tiny_args, train_in_process
+
+    code, err = train_in_process(tiny_args(tiny_model_dir, tmp_path / "out", *flags), monkeypatch, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
