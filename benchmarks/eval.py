@@ -5,7 +5,7 @@
     python -m benchmarks.eval --device cuda --repeats 5
 
 Methods, all returning log m(s + EOS | prompt) for every support string s:
-- calft_tree:      calft.evaluate.score_trie: the prompt once, then every internal trie node once
+- calft_tree:      calft.tree.score_trie: the prompt once, then every internal trie node once
                    (tree attention over the prompt's KV cache); forward tokens = P + internal nodes.
 - shared_prompt:   the prompt once, its KV cache repeated to a batch of strings, each string's
                    tokens fed in full (right-padded); forward tokens = P + sum_s (|s| + 1).
@@ -34,10 +34,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calft.evaluate import node_log_mass, score_trie, sequence_log_probs_ref  # noqa: E402
+from calft.evaluate import sequence_log_probs_ref  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids  # noqa: E402
 from calft.support import build_support  # noqa: E402
+from calft.tree import node_log_mass, score_trie  # noqa: E402
 from calft.trie import build_trie  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,6 +21,17 @@ ranks) and reduction "sum" over the rows of all of them:
   mean);
 - hard: the target is the actual next token with probability 1 (cross-entropy = KL with a one-hot
   target); every row has the weight 1 / (total trained positions of the step): a token-level mean.
+- trie (build_tree_batch; G counts prompts): one row per prompt holds the prompt and one token per
+  trie node (calft.tree: tree attention), and every node v with children is a trained row with
+  target q(. | v) and weight w(v) / G, where w(v) = sum over the strings s whose path visits v of
+  p(s) / (L_s + 1). Then ``sum_v w(v) KL_v = E_{s~p}[(1/(L_s+1)) sum_{v in path(s)} KL_v]``: the
+  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (SPEC.md
+  section 5 phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
+  have L tokens, and w is the one that keeps the soft mode's per-sequence mean, so the losses and
+  learning rates of the two modes are comparable when lengths differ, e.g. "1" vs "12".)
+  --trie-max-nodes keeps the heaviest nodes exact and estimates the rest without bias from
+  sampled paths; --share-prompt (max nodes 0) is the soft loss of k sampled strings per prompt
+  in one tree forward of the prompt.
 
 Order (SPEC.md section 7): for epoch e, the items are shuffled within each family with a
 ``numpy`` Generator seeded by (seed, e), then taken round-robin across the families (in the
@@ -40,6 +51,7 @@ from torch import nn
 
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import decoder, lm_head_weight
+from calft.tree import forward_tree_batch, subtree_sums, tree_layout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,11 +141,15 @@ class Batch:
     weights: torch.Tensor         # [N] float32; sum over rows (all micro-batches, ranks) = step loss
     num_tokens: int               # real (non-pad) tokens, for throughput
     prefix_len: int = 0           # leading tokens shared by every row (run once, see SparseKLLoss)
+    # tree batches only (build_tree_batch): prompt + trie nodes per row, with tree attention
+    position_ids: torch.Tensor | None = None  # [B, T] int64
+    tree_mask: torch.Tensor | None = None     # [B, T, T] bool, True = attend (calft.tree.tree_layout)
 
     def to(self, device) -> "Batch":
+        tree = [None if t is None else t.to(device) for t in (self.position_ids, self.tree_mask)]
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
                      self.gather_index.to(device), self.targets.to(device), self.weights.to(device),
-                     self.num_tokens, self.prefix_len)
+                     self.num_tokens, self.prefix_len, *tree)
 
 
 def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int, eos_id: int,
@@ -180,9 +196,7 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
         mask[b, :len(x)] = 1
     # The chat template makes every prompt start alike (system turn, "Generate exactly ONE random
     # number from a"): ~30 of SmolLM2's ~60 tokens. Stop before the first trained position.
-    shortest_prompt = min(len(prompts[p].prompt_ids) for p, _ in items)
-    differs = np.nonzero((input_ids[:, :shortest_prompt - 1] != input_ids[:1, :shortest_prompt - 1]).any(0))[0]
-    prefix_len = int(differs[0]) if differs.size else shortest_prompt - 1
+    prefix_len = shared_prefix_len(input_ids, min(len(prompts[p].prompt_ids) for p, _ in items))
     row_ptr = np.zeros(len(row_lens) + 1, dtype=np.int64)
     np.cumsum(row_lens, out=row_ptr[1:])
     targets = SparseTargets(torch.from_numpy(row_ptr),
@@ -190,8 +204,154 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
                             torch.from_numpy(np.concatenate(probs).astype(np.float32)))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask),
                  torch.tensor(gather, dtype=torch.int64), targets,
-                 torch.tensor(weights, dtype=torch.float32), int(mask.sum()),
-                 prefix_len if len(seqs) > 1 and prefix_len >= MIN_SHARED_PREFIX else 0)
+                 torch.tensor(weights, dtype=torch.float32), int(mask.sum()), prefix_len)
+
+
+# ------------------------------------------------------------------------------------------------
+# trie mode: every trie node of a prompt in one tree-attention forward (calft.tree)
+
+def trie_row_weights(prep) -> np.ndarray:
+    """float64[num_nodes]: w(v) = sum over the strings s whose path visits v of p(s) / (L_s + 1).
+
+    The soft path loss of s is the mean of KL_v over the L_s + 1 nodes v of its path, so
+    E_{s~p}[path loss] = sum_s p(s)/(L_s+1) sum_{v in path(s)} KL_v = sum_v w(v) KL_v exactly.
+    (With equal lengths L, w(v) = mass(v)/(L+1): the visit mass up to a constant.) Leaves (after
+    EOS) get 0: they are on no path. A parent's weight is >= each child's.
+    """
+    p = np.asarray(prep.support.probs, dtype=np.float64)
+    lengths = np.asarray([len(a) for a in prep.answer_ids], dtype=np.float64)
+    trie = prep.trie
+    w = subtree_sums(trie, np.asarray(trie.sequence_leaf, dtype=np.int64), p / p.sum() / (lengths + 1))
+    w[np.diff(np.asarray(trie.row_ptr)) == 0] = 0.0
+    return w
+
+
+def tree_rows(prep, *, max_nodes: int, strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The trained nodes of one prompt (ascending ids, root first) and their weights (float64).
+
+    max_nodes = -1 (or >= the internal nodes): every internal node v with w(v) (trie_row_weights);
+    the exact expected soft loss. Otherwise the max_nodes largest-weight nodes keep w(v) (sorted
+    by weight desc, depth asc: closed under ancestors since w(parent) >= w(child)), and each
+    other node gets the Monte-Carlo estimate of its w from the k = len(strings) paths s_i ~ p:
+    sum_i [v in path(s_i)] / ((L_{s_i} + 1) k), whose expectation is w(v). The loss is then an
+    unbiased estimate of the full trie loss. max_nodes = 0: the k paths alone (soft mode with k
+    strings sharing one prompt forward).
+    """
+    trie = prep.trie
+    w = trie_row_weights(prep)
+    internal = np.nonzero(np.diff(np.asarray(trie.row_ptr)) > 0)[0]
+    if max_nodes < 0 or max_nodes >= internal.size:
+        return internal, w[internal]
+    depth = np.asarray(trie.depth, dtype=np.int64)
+    kept = internal[np.lexsort((internal, depth[internal], -w[internal]))[:max_nodes]]
+    weight = np.zeros(trie.num_nodes, dtype=np.float64)
+    weight[kept] = w[kept]
+    is_kept = np.zeros(trie.num_nodes, dtype=bool)
+    is_kept[kept] = True
+    chosen = is_kept.copy()
+    for s in strings:
+        path = trie.path_nodes(int(s))
+        drop = path[~is_kept[path]]
+        weight[drop] += 1.0 / (len(path) * len(strings))  # len(path) = L_s + 1
+        chosen[drop] = True
+    nodes = np.nonzero(chosen)[0]
+    return nodes, weight[nodes]
+
+
+def tree_strings(prompts: Sequence, prompt_index: int, *, seed: int, epoch: int, num: int) -> np.ndarray:
+    """The ``num`` paths s ~ p that cover a prompt's uncapped nodes: a pure function of
+    (seed, epoch, prompt), so every rank, micro-batch split and resumed run draws the same."""
+    rng = np.random.default_rng([seed, epoch, int(prompt_index)])
+    return sample_strings(prompts[prompt_index].support.probs, num, rng)
+
+
+def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, global_batch: int,
+                     max_nodes: int = -1, samples_per_prompt: int = 1, seed: int = 0,
+                     epoch: int = 0, pack: bool = False) -> Batch:
+    """Collate the prompts of ``items`` (column 0 = prompt index) into a tree :class:`Batch`.
+
+    Row b is prompt b's P tokens followed by one token per chosen non-root node (tree_rows), with
+    calft.tree.tree_layout's positions and mask, right-padded to T (a pad token attends to
+    itself only). Trained rows: the prompt's last position (root) and every chosen node, each
+    with the trie's soft target q(.|v) and the weight w(v) / G (G = global_batch, in prompts),
+    so the sum over a step is (1/G) sum_prompts E_{s~p}[soft path loss of s].
+
+    pack=True: one row [1, N] instead, with no padding: the prompts' common leading tokens (the
+    chat template's system turn) once, then each prompt's remaining tokens and nodes; prompt b's
+    tokens see the common prefix and their own block only (its tree_layout mask, relocated). N is
+    about sum_b (P_b + C_b) - (B-1) P0, against B x max_b(P_b + C_b) padded, but the attention
+    is N x N: meant for small tries and micro-batches (CPU), not for thousands of nodes each.
+    """
+    seqs, positions, keeps, gather, row_lens, ids, probs, weights = [], [], [], [], [], [], [], []
+    for p in np.asarray(items)[:, 0]:
+        prep = prompts[int(p)]
+        trie = prep.trie
+        strings = tree_strings(prompts, int(p), seed=seed, epoch=epoch, num=samples_per_prompt)
+        nodes, w = tree_rows(prep, max_nodes=max_nodes, strings=strings)
+        tokens = nodes[nodes > 0]  # BFS ids: ascending = parents first; the root is the prompt's end
+        P = len(prep.prompt_ids)
+        pos, keep = tree_layout(P, tokens, np.asarray(trie.parent), np.asarray(trie.depth))
+        seqs.append(np.concatenate([np.asarray(prep.prompt_ids, dtype=np.int64), trie.parent_token[tokens]]))
+        positions.append(pos)
+        keeps.append(keep)
+        row_of = {int(v): P + i for i, v in enumerate(tokens)} | {0: P - 1}
+        gather.append([row_of[int(v)] for v in nodes])
+        for v in nodes:
+            lo, hi = int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])
+            ids.append(trie.token_ids[lo:hi])
+            probs.append(trie.probs[lo:hi])
+            row_lens.append(hi - lo)
+        weights.append(w / global_batch)
+    B, T = len(seqs), max(len(x) for x in seqs)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    position_ids = np.zeros((B, T), dtype=np.int64)
+    tree_mask = np.zeros((B, T, T), dtype=bool)
+    tree_mask[:, np.arange(T), np.arange(T)] = True  # padding attends to itself (no empty rows)
+    flat = []
+    for b, x in enumerate(seqs):
+        n = len(x)
+        input_ids[b, :n], mask[b, :n], position_ids[b, :n] = x, 1, positions[b]
+        tree_mask[b, :n, :n] = keeps[b]
+        flat.extend(b * T + r for r in gather[b])
+    prefix_len = shared_prefix_len(input_ids, min(len(prompts[int(p)].prompt_ids) for p in np.asarray(items)[:, 0]))
+    if pack:
+        input_ids, mask, position_ids, tree_mask, flat = pack_rows(seqs, positions, keeps, gather, prefix_len)
+        prefix_len = 0
+    row_ptr = np.zeros(len(row_lens) + 1, dtype=np.int64)
+    np.cumsum(row_lens, out=row_ptr[1:])
+    targets = SparseTargets(torch.from_numpy(row_ptr),
+                            torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+                            torch.from_numpy(np.concatenate(probs).astype(np.float32)))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), torch.tensor(flat, dtype=torch.int64),
+                 targets, torch.from_numpy(np.concatenate(weights).astype(np.float32)), int(mask.sum()),
+                 prefix_len, torch.from_numpy(position_ids), torch.from_numpy(tree_mask))
+
+
+def pack_rows(seqs, positions, keeps, gather, prefix_len: int):
+    """Token lists b (ids, positions, keep [n_b, n_b], trained indices) -> one row [1, N] whose
+    first prefix_len tokens are shared; returns (input_ids, attention_mask, position_ids,
+    tree_mask [1, N, N], flat trained indices)."""
+    P0 = prefix_len
+    N = P0 + sum(len(x) - P0 for x in seqs)
+    input_ids, position_ids = np.zeros((1, N), dtype=np.int64), np.zeros((1, N), dtype=np.int64)
+    tree_mask = np.zeros((1, N, N), dtype=bool)
+    flat, offset = [], P0
+    for x, pos, keep, rows in zip(seqs, positions, keeps, gather):
+        idx = np.concatenate([np.arange(P0), offset + np.arange(len(x) - P0)])  # local -> packed index
+        offset += len(x) - P0
+        input_ids[0, idx], position_ids[0, idx] = x, pos
+        tree_mask[0][np.ix_(idx, idx)] |= keep
+        flat.extend(idx[rows].tolist())
+    return input_ids, np.ones((1, N), dtype=np.int64), position_ids, tree_mask, flat
+
+
+def shared_prefix_len(input_ids: np.ndarray, shortest_prompt: int) -> int:
+    """Leading tokens identical in every row, stopping before the first trained position; 0 when
+    shorter than MIN_SHARED_PREFIX or a single row."""
+    differs = np.nonzero((input_ids[:, :shortest_prompt - 1] != input_ids[:1, :shortest_prompt - 1]).any(0))[0]
+    prefix_len = int(differs[0]) if differs.size else shortest_prompt - 1
+    return prefix_len if len(input_ids) > 1 and prefix_len >= MIN_SHARED_PREFIX else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +387,10 @@ class SparseKLLoss(nn.Module):
         body = decoder(self.model)
         B, T = batch.input_ids.shape
         P0 = batch.prefix_len if self.share_prefix else 0
-        if P0 == 0:
+        if batch.tree_mask is not None:  # prompt + trie nodes (calft.tree)
+            h = forward_tree_batch(self.model, batch.input_ids, batch.position_ids, batch.tree_mask, P0)
+            rows = batch.gather_index - P0 * (batch.gather_index // T + 1)  # b*T + t -> b*(T-P0) + t-P0
+        elif P0 == 0:
             h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      use_cache=False).last_hidden_state  # [B, T, H]
             rows = batch.gather_index

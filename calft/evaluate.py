@@ -13,166 +13,29 @@ The model gives m(t|v) at every node, hence
     mc_logit_kl     = mean over 4 paths s ~ p of the mean of KL(q(.|v) || m(.|v)) along the path
                       (the artifact's Monte-Carlo logit KL, seeded)
 
-Scoring (score_trie) runs the prompt once into a KV cache, then feeds every internal trie node
-after it (node v's input token is the edge into v, at position P + depth(v) - 1) with a 4D
-attention mask in which node v sees the whole prompt, its ancestors and itself ("tree attention",
-as in SpecInfer, Miao et al. 2023, arXiv 2305.09781, and Medusa, Cai et al. 2024).
-Nodes go in depth-first chunks, each closed under ancestors (see score_trie). About one forward
-token per internal node, instead of one full forward of prompt + answer per string.
+Scoring (calft.tree.score_trie, shared with trie-mode training) runs the prompt once into a KV
+cache, then every internal trie node after it with a tree attention mask: about one forward token
+per internal node, instead of one full forward of prompt + answer per string.
 Log-softmax and all sums are float64.
 """
 from __future__ import annotations
 
-import copy
 import math
 import zlib
 
 import numpy as np
 import torch
 
-from calft.models import decoder, unwrap
-from calft.sampling import cache_kwarg, new_cache
 from calft.tracking import exact_tracking
+# The trie-node forward lives in calft.tree (shared with trie-mode training); re-exported here.
+from calft.tree import TREE_ATTENTION, edge_sources, node_log_mass, score_trie, subtree_sums  # noqa: F401
 
 EXACT_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm", "node_kl", "mc_logit_kl")
 MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
-TREE_ATTENTION = ("eager", "sdpa")  # attention backends that honour a custom 4D float mask
-LOGIT_ROWS = 256  # LM-head rows per step: bounds the [R, V] logits buffer (V=152k -> 150 MB fp32)
 
 
 # -----------------------------------------------------------------------------
-# trie scoring
-
-
-def _edge_sources(trie) -> np.ndarray:
-    """Node id owning each edge (CSR row of each entry)."""
-    return np.repeat(np.arange(trie.num_nodes, dtype=np.int64), np.diff(np.asarray(trie.row_ptr)))
-
-
-def _dfs_order(row_ptr: np.ndarray, child: np.ndarray) -> np.ndarray:
-    """Internal (has children) non-root nodes in depth-first preorder, children in token order."""
-    internal = np.diff(row_ptr) > 0
-    order, stack = [], [0]
-    while stack:
-        v = stack.pop()
-        if v:
-            order.append(v)
-        kids = child[row_ptr[v] : row_ptr[v + 1]]
-        stack.extend(kids[internal[kids]][::-1].tolist())
-    return np.asarray(order, dtype=np.int64)
-
-
-def _ancestor_mask(local: np.ndarray, parent: np.ndarray, lpos: np.ndarray) -> np.ndarray:
-    """Boolean [C, C]: token i may attend to token j iff local[j] is local[i] or its ancestor.
-
-    lpos maps node -> index in `local` (-1 elsewhere); every non-root ancestor of a local node
-    must itself be local (guaranteed by the DFS chunking).
-    """
-    allowed = np.zeros((local.size, local.size), dtype=bool)
-    rows = np.arange(local.size)
-    cur = local.copy()
-    while True:
-        live = cur > 0
-        if not live.any():
-            return allowed
-        allowed[rows[live], lpos[cur[live]]] = True
-        cur = np.where(live, parent[cur], 0)
-
-
-@torch.no_grad()
-def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
-    """Model log-probabilities of every trie edge: float64[E], aligned with trie.token_ids.
-
-    Edge e of node v carries log m(token_ids[e] | prompt, v). Costs one forward over the prompt,
-    then one token per internal non-root node: nodes go in depth-first order, chunk_size at a
-    time, each chunk preceded by the (at most depth-many) ancestors of its first node, which it
-    recomputes. A chunk is thus closed under ancestors, and its attention is C x (P + C) whatever
-    the trie size; the prompt's KV cache is shared by all chunks.
-    """
-    base = unwrap(model)
-    impl = getattr(base.config, "_attn_implementation", "eager")
-    if impl not in TREE_ATTENTION:
-        raise ValueError(
-            f"tree attention needs a custom 4D mask; attention backend {impl!r} ignores it. "
-            f"Load the model with attn_implementation in {TREE_ATTENTION}"
-        )
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    row_ptr = np.asarray(trie.row_ptr, dtype=np.int64)
-    token_ids = np.asarray(trie.token_ids, dtype=np.int64)
-    parent = np.asarray(trie.parent, dtype=np.int64)
-    depth = np.asarray(trie.depth, dtype=np.int64)
-    parent_token = np.asarray(trie.parent_token, dtype=np.int64)
-    prompt = np.asarray(prompt_ids, dtype=np.int64)
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError("prompt_ids must be a non-empty 1D sequence of token ids")
-    device = next(model.parameters()).device
-    dtype = base.dtype  # the additive mask must match the attention's compute dtype
-    num_prompt = prompt.size
-    degree = np.diff(row_ptr)
-    out = np.empty(token_ids.size, dtype=np.float64)
-    body = decoder(model)  # transformer body: hidden states only, LoRA layers included
-    head = base.get_output_embeddings()
-
-    def gather(hidden: torch.Tensor, nodes: np.ndarray) -> None:
-        # Edges of `nodes` (hidden[r] is the state at nodes[r]). The LM head runs on LOGIT_ROWS
-        # rows at a time, so no [C, V] logits tensor is ever materialized.
-        for a in range(0, nodes.size, LOGIT_ROWS):
-            nd = nodes[a : a + LOGIT_ROWS]
-            cnt = degree[nd]
-            first = np.cumsum(cnt) - cnt
-            edges = np.repeat(row_ptr[nd], cnt) + np.arange(cnt.sum()) - np.repeat(first, cnt)
-            rows = torch.as_tensor(np.repeat(np.arange(nd.size), cnt), device=hidden.device)
-            h = hidden[a : a + nd.size]
-            # The head runs outside any caller autocast (e.g. training's bf16): its logits feed
-            # log-probs summed over whole strings, so they are kept in the weights' precision.
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                logits = head(h.to(head.weight.dtype))  # [R, V]
-            lse = torch.logsumexp(logits.double(), dim=-1)  # [R]; float64 so long sums stay exact
-            t = torch.as_tensor(token_ids[edges], device=hidden.device)
-            out[edges] = (logits[rows, t].double() - lse[rows]).cpu().numpy()
-
-    ckw = cache_kwarg(body)
-    prompt_cache = new_cache(model)
-    ids = torch.as_tensor(prompt, device=device).unsqueeze(0)
-    hidden = body(input_ids=ids, **{ckw: prompt_cache}, use_cache=True).last_hidden_state[0]  # [P, H]
-    gather(hidden[-1:], np.zeros(1, dtype=np.int64))
-    order = _dfs_order(row_ptr, np.asarray(trie.child, dtype=np.int64))
-    lpos = np.full(trie.num_nodes, -1, dtype=np.int64)
-    for start in range(0, order.size, chunk_size):
-        nodes = order[start : start + chunk_size]
-        anc = []
-        v = int(parent[nodes[0]])
-        while v > 0:  # ancestors of the chunk's first node: every outside ancestor is one of them
-            anc.append(v)
-            v = int(parent[v])
-        local = np.concatenate([np.asarray(anc[::-1], dtype=np.int64), nodes])  # C tokens
-        lpos[local] = np.arange(local.size)
-        allowed = _ancestor_mask(local, parent, lpos)
-        lpos[local] = -1
-        keep = np.concatenate([np.ones((local.size, num_prompt), dtype=bool), allowed], axis=1)  # [C, P + C]
-        mask = torch.zeros(keep.shape, dtype=dtype, device=device)  # additive: 0 = attend
-        mask.masked_fill_(~torch.as_tensor(keep, device=device), torch.finfo(dtype).min)
-        tok = torch.as_tensor(parent_token[local], device=device).unsqueeze(0)  # [1, C]: the edge into each node
-        pos = torch.as_tensor(num_prompt + depth[local] - 1, device=device).unsqueeze(0)  # [1, C]
-        cache = copy.deepcopy(prompt_cache)  # the prompt's keys/values; this chunk's are dropped after
-        hidden = body(input_ids=tok, attention_mask=mask[None, None], position_ids=pos,
-                      **{ckw: cache}, use_cache=True).last_hidden_state[0]  # [C, H]
-        gather(hidden[len(anc):], nodes)
-    return out
-
-
-def node_log_mass(trie, edge_logp: np.ndarray) -> np.ndarray:
-    """log m(v) for every node: the sum of edge log-probs from the root (root = 0)."""
-    src = _edge_sources(trie)
-    child = np.asarray(trie.child, dtype=np.int64)
-    depth = np.asarray(trie.depth, dtype=np.int64)
-    out = np.zeros(trie.num_nodes, dtype=np.float64)
-    src_depth = depth[src]
-    for d in range(int(depth.max(initial=0)) + 1):  # parents are final before their children
-        sel = src_depth == d
-        out[child[sel]] = out[src[sel]] + edge_logp[sel]
-    return out
+# trie scoring (see calft.tree for score_trie and tree attention)
 
 
 def _answer_trie(tokenizer, values):
@@ -218,15 +81,7 @@ def sequence_log_probs_ref(model, prompt_ids, answer_ids, eos_id: int) -> np.nda
 
 def target_node_mass(trie, leaf: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """mass(v) under target p: leaf masses summed up the tree (float64, from p, not trie.probs)."""
-    mass = np.zeros(trie.num_nodes, dtype=np.float64)
-    ok = leaf >= 0
-    np.add.at(mass, leaf[ok], probs[ok])
-    parent = np.asarray(trie.parent, dtype=np.int64)
-    depth = np.asarray(trie.depth, dtype=np.int64)
-    for d in range(int(depth.max(initial=0)), 0, -1):  # children before parents
-        nodes = np.nonzero(depth == d)[0]
-        np.add.at(mass, parent[nodes], mass[nodes])
-    return mass
+    return subtree_sums(trie, leaf, probs)
 
 
 def _scoring_trie(prepared):
@@ -264,7 +119,7 @@ def exact_metrics(model, tokenizer, prepared, *, seed: int = 0, chunk_size: int 
     seq_kl = float(np.sum(p[pos] * (np.log(p[pos]) - log_m[pos])))
     # Node KL, edge by edge: sum_e mass(child_e) * (log q_e - log m_e) over edges with target mass.
     mass = target_node_mass(trie, leaf, p)
-    src = _edge_sources(trie)
+    src = edge_sources(trie)
     child = np.asarray(trie.child, dtype=np.int64)
     w = mass[child]
     on = w > 0

@@ -1,9 +1,10 @@
-"""Calibration fine-tuning with LoRA: soft (trie) targets or hard (sampled string) targets.
+"""Calibration fine-tuning with LoRA: soft (trie) targets, hard (sampled string) targets, or trie mode.
 
 Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
     python -m calft.train --recipe paper-hard --model Qwen/Qwen3-0.6B --output-dir runs/qwen-hard
+    python -m calft.train --mode trie --output-dir runs/trie  # exact expected soft loss: every trie node
     python -m calft.train --output-dir runs/quick --resume # continue an interrupted run exactly
 Scale out (the global --batch-size is kept; accumulation = batch / (micro batch x processes)):
     torchrun --nproc-per-node=4 -m calft.train --recipe paper-soft --model Qwen/Qwen3-8B
@@ -73,7 +74,9 @@ class TrainConfig:
     recipe: str = knob("quick", "sets the defaults of the other flags (SPEC.md section 7); flags "
                        "given explicitly override it", ("quick", "paper-soft", "paper-hard"))
     mode: str = knob("soft", "soft = trie targets along sampled strings; hard = cross-entropy on "
-                     "sampled strings", ("soft", "hard"))
+                     "sampled strings; trie = every trie node of a prompt in one tree-attention "
+                     "forward, weighted to the exact expected soft loss (--batch-size counts prompts)",
+                     ("soft", "hard", "trie"))
     # data
     train_split: str = knob("train", "prompt split to train on", SPLITS)
     families: str = knob("", "comma-separated family ids to train on; '' = every family of the split")
@@ -81,7 +84,15 @@ class TrainConfig:
                                        "prompts; -1 = all")
     num_decimals: int = knob(5, "decimals of continuous answers (integers: none)")
     max_bins: int = knob(1001, "max support strings per prompt")
-    samples_per_prompt: int = knob(1, "support strings drawn per prompt per epoch")
+    samples_per_prompt: int = knob(1, "support strings drawn per prompt per epoch (trie mode and "
+                                   "--share-prompt: paths per prompt per step covering the nodes "
+                                   "beyond --trie-max-nodes)")
+    trie_max_nodes: int = knob(-1, "trie mode: train at most this many nodes per prompt exactly (largest "
+                               "weight first) and the rest along sampled paths (unbiased); -1 = all")
+    share_prompt: bool = knob(False, "soft mode: the --samples-per-prompt strings of a prompt share one "
+                              "tree-attention forward of the prompt (--batch-size then counts prompts)")
+    trie_pack: bool = knob(False, "trie mode / --share-prompt: pack a micro-batch's prompts into one row "
+                           "without padding, their common prefix once (N x N attention: small tries)")
     # optimization
     epochs: int = knob(3, "passes over the prompts (sets the step count when --max-steps is -1)")
     max_steps: int = knob(-1, "optimizer steps; the cosine schedule spans them; -1 = epochs x steps/epoch")
@@ -187,8 +198,8 @@ def fail(message: str, status: int = 2):
 # ------------------------------------------------------------------------------------------------
 # setup: validate everything cheap first, then processes, device, seeds, output dir
 
-from calft.batching import (SparseKLLoss, build_batch, epoch_plan, global_num_positions,  # noqa: E402
-                            step_items, steps_per_epoch)
+from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_plan,  # noqa: E402
+                            global_num_positions, step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.models import check_model_files  # noqa: E402
@@ -228,6 +239,14 @@ def check_config(cfg: TrainConfig) -> None:
                          f"and 0 <= --lora-dropout < 1 (got {cfg.lora_dropout})")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if cfg.trie_max_nodes < -1:
+        raise ValueError(f"--trie-max-nodes must be >= 0 or -1 (all), got {cfg.trie_max_nodes}")
+    if cfg.trie_max_nodes != -1 and cfg.mode != "trie":
+        raise ValueError("--trie-max-nodes applies to --mode trie")
+    if cfg.share_prompt and cfg.mode != "soft":
+        raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
+    if cfg.trie_pack and not (cfg.mode == "trie" or cfg.share_prompt):
+        raise ValueError("--trie-pack applies to --mode trie and --share-prompt")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is "
                          "False): use --device cpu or auto")
@@ -337,7 +356,10 @@ for turn in (0, 1) if distributed else (0,):
     if distributed:
         dist.barrier()
 eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-items_per_epoch = len(prompts) * cfg.samples_per_prompt
+# Tree batches (trie mode, soft --share-prompt): one item per prompt per epoch, each one
+# tree-attention forward of its prompt + nodes (calft.tree); the global batch counts prompts.
+tree_batches = cfg.mode == "trie" or cfg.share_prompt
+items_per_epoch = len(prompts) * (1 if tree_batches else cfg.samples_per_prompt)
 try:
     spe = steps_per_epoch(items_per_epoch, cfg.batch_size)
 except ValueError as err:
@@ -345,7 +367,8 @@ except ValueError as err:
 max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
 if master:
     print(f"{len(prompts)} prompts from {len({p.spec.family_id for p in prompts})} families, "
-          f"{items_per_epoch} sequences/epoch, {spe} steps/epoch, {max_steps} steps")
+          f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
+          f"{max_steps} steps")
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
@@ -524,7 +547,7 @@ while step < max_steps:
     epoch, pos = divmod(step, spe)
     if epoch != plan_epoch:  # the same on every rank: a pure function of (seed, epoch)
         plan, plan_epoch = epoch_plan(prompts, seed=cfg.seed, epoch=epoch,
-                                      samples_per_prompt=cfg.samples_per_prompt), epoch
+                                      samples_per_prompt=1 if tree_batches else cfg.samples_per_prompt), epoch
     global_items = step_items(plan, pos, global_batch=cfg.batch_size)
     mine = step_items(plan, pos, global_batch=cfg.batch_size, world_size=world_size, rank=rank)
     global_positions = global_num_positions(prompts, global_items) if cfg.mode == "hard" else None
@@ -533,9 +556,15 @@ while step < max_steps:
         group["lr"] = lr
     local = torch.zeros(3, dtype=torch.float64, device=device)  # [loss, tokens, stop flag]
     for micro in range(grad_accum):
-        batch = build_batch(prompts, mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size],
-                            mode=cfg.mode, pad_id=pad_id, eos_id=eos_id, global_batch=cfg.batch_size,
-                            global_positions=global_positions).to(device)
+        micro_items = mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+        if tree_batches:
+            batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=cfg.batch_size,
+                                     max_nodes=0 if cfg.share_prompt else cfg.trie_max_nodes,
+                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
+                                     epoch=epoch, pack=cfg.trie_pack).to(device)
+        else:
+            batch = build_batch(prompts, micro_items, mode=cfg.mode, pad_id=pad_id, eos_id=eos_id,
+                                global_batch=cfg.batch_size, global_positions=global_positions).to(device)
         last = micro == grad_accum - 1  # reduce gradients over ranks only after the last one
         if cfg.fsdp:
             wrapped.set_requires_gradient_sync(last)
@@ -570,7 +599,8 @@ while step < max_steps:
     dt = time.time() - t0
     if master:
         record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": step_tokens / dt, "elapsed_s": elapsed_before + time.time() - t_start}
+                  "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
+                  "elapsed_s": elapsed_before + time.time() - t_start}
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
