@@ -39,6 +39,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import tempfile
 import warnings
 import weakref
@@ -53,7 +54,8 @@ from calft.splits import PromptSpec, get_split
 from calft.support import Support, build_support
 from calft.trie import Trie, build_tries_arrays, split_tries
 
-CACHE_FORMAT = 1  # bump when the file layout changes
+CACHE_FORMAT = 2  # bump when the file layout changes (2: terminator in the metadata)
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback tokens
 _SOURCES = ("families.py", "support.py", "prompts.py", "trie.py", "data.py")
 
 
@@ -108,9 +110,11 @@ class TokenSequences(Sequence):
 class PreparedPrompt:
     """One prompt, ready for training and exact evaluation.
 
-    prompt_ids: chat-rendered prompt tokens (add_special_tokens=False). answer_ids[i]: tokens of
-    support.values[i] alone, without EOS. trie: over answer_ids + EOS weighted by support.probs
-    (trie.sequence_leaf[i] / trie.path_nodes(i) refer to support string i).
+    prompt_ids: chat-rendered prompt tokens (add_special_tokens=False), answer prefix included.
+    answer_ids[i]: the canonical tokens of support.values[i] after the prompt (tokens(prompt + s)
+    minus tokens(prompt)), without the terminator. terminator_ids: what ends every answer
+    (calft.prompts.answer_format). trie: over answer_ids + terminator_ids weighted by
+    support.probs (trie.sequence_leaf[i] / trie.path_nodes(i) refer to support string i).
     """
 
     spec: PromptSpec
@@ -119,6 +123,7 @@ class PreparedPrompt:
     support: Support
     answer_ids: TokenSequences
     trie: Trie
+    terminator_ids: tuple[int, ...] = ()
 
 
 def default_cache_dir() -> Path:
@@ -164,6 +169,12 @@ def cache_key(tokenizer, specs: Sequence[PromptSpec], settings: DataSettings) ->
     for name in _SOURCES:  # code changes in the data path invalidate old caches
         h.update(hashlib.sha256((here / name).read_bytes()).digest())
     h.update(tokenizer_fingerprint(tokenizer).encode())
+    # What the prompts render to (a probe prompt, answer prefix included) and what ends answers:
+    # were anything render-time (a date) to leak into prompts, the key would change with it
+    # instead of serving stale prompt ids.
+    from calft.prompts import answer_format, render_chat
+
+    h.update(json.dumps([render_chat(tokenizer, "probe"), list(answer_format(tokenizer).terminator_ids)]).encode())
     h.update(json.dumps(asdict(settings)).encode())
     h.update(json.dumps([[s.family_id, [[k, v] for k, v in s.params]] for s in specs]).encode())
     return h.hexdigest()[:32]
@@ -190,8 +201,9 @@ def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettin
     specs = list(specs)
     if not isinstance(settings, DataSettings):
         raise ValueError(f"settings must be a calft.data.DataSettings, got {type(settings).__name__}")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: every answer ends with EOS")
+    from calft.prompts import terminator_ids
+
+    terminator_ids(tokenizer)  # ValueError when nothing ends an answer
     if not specs:
         return []
     path = None
@@ -213,7 +225,7 @@ def _build(tokenizer, specs, settings, *, progress: bool, full_check: bool) -> d
     """All prepared data of `specs` as flat arrays (the cache layout; `_unpack` makes objects)."""
     from tqdm.auto import tqdm
 
-    from calft.prompts import prompt_text, render_chat
+    from calft.prompts import prompt_text, render_chat, terminator_ids
 
     kw = asdict(settings)
     supports = []
@@ -221,21 +233,25 @@ def _build(tokenizer, specs, settings, *, progress: bool, full_check: bool) -> d
         supports.append(build_support(spec.family_id, spec.params_dict, **kw))
     texts = [prompt_text(s.family_id, s.params_dict) for s in specs]
     rendered = [render_chat(tokenizer, t) for t in texts]
+    terminator = np.asarray(terminator_ids(tokenizer), dtype=np.int64)
     prompt_ids, tails = _encode_prompts(tokenizer, rendered)
     values = [v for s in supports for v in s.values]
     counts = np.array([len(s.values) for s in supports], dtype=np.int64)
-    skeletons = None if full_check else _Skeletons.of(values)
-    answers, answer_offsets = tokenize_values(tokenizer, values, exact=full_check, skeletons=skeletons)
-    _assert_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, answers, answer_offsets,
-                       full=full_check, skeletons=skeletons)
+    answers, answer_offsets = _answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts,
+                                                  full=full_check)
 
     group_offsets = np.zeros(len(specs) + 1, dtype=np.int64)
     np.cumsum(counts, out=group_offsets[1:])
     probs = np.concatenate([s.probs for s in supports])
-    tries = build_tries_arrays(answers, answer_offsets, probs, group_offsets, eos_id=tokenizer.eos_token_id)
+    if terminator.size == 1:
+        tries = build_tries_arrays(answers, answer_offsets, probs, group_offsets, eos_id=int(terminator[0]))
+    else:  # a multi-token terminator: the whole chain after every answer
+        chained, chained_offsets = _append_terminator(answers, answer_offsets, terminator)
+        tries = build_tries_arrays(chained, chained_offsets, probs, group_offsets)
 
     meta = {
         "format": CACHE_FORMAT,
+        "terminator": terminator.tolist(),
         "supports": [[s.family_id, [[k, v] for k, v in s.params.items()], s.num_decimals, s.integer,
                       s.lower, s.upper, s.tail_mass] for s in supports],
     }
@@ -261,6 +277,7 @@ def _unpack(a: dict[str, np.ndarray], specs: Sequence[PromptSpec]) -> list[Prepa
     meta = json.loads(a["meta"].tobytes())
     if meta["format"] != CACHE_FORMAT or len(meta["supports"]) != len(specs):
         raise ValueError("prepared data does not match the requested specs")
+    terminator = tuple(int(t) for t in meta["terminator"])
     texts = a["texts"].tobytes().decode().split("\x00")
     values = a["values"].tobytes().decode().split("\n")
     counts = a["value_counts"]
@@ -284,6 +301,7 @@ def _unpack(a: dict[str, np.ndarray], specs: Sequence[PromptSpec]) -> list[Prepa
             support=support,
             answer_ids=TokenSequences(answers, answer_offsets[v0:v1 + 1]),
             trie=tries[p],
+            terminator_ids=terminator,
         ))
     return out
 
@@ -295,8 +313,9 @@ def _backend(tokenizer):
 
 
 def _encode_prompts(tokenizer, rendered: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
-    """Token ids of each rendered prompt, and its tail: the text after its last special token,
-    when tokens(prompt) verifiably ends with tokens(tail) (None otherwise)."""
+    """Token ids of each rendered prompt, and its tail: the text after its last special token
+    ("" when the prompt ends with one), when tokens(prompt) verifiably ends with tokens(tail)
+    (None otherwise)."""
     backend = _backend(tokenizer)
     if backend is None:
         return [np.asarray(tokenizer.encode(r, add_special_tokens=False), dtype=np.int64) for r in rendered], \
@@ -313,7 +332,9 @@ def _encode_prompts(tokenizer, rendered: list[str]) -> tuple[list[np.ndarray], l
             if tail not in tail_ids:
                 tail_ids[tail] = backend.encode(tail, add_special_tokens=False).ids
             tail = tail if ids[k + 1:] == tail_ids[tail] else None
-        tails.append(tail or None)
+        elif tail == "" and k != len(ids) - 1:
+            tail = None
+        tails.append(tail)  # "" = the prompt ends with a special token (Mistral's [/INST])
     return ids_out, tails
 
 
@@ -378,12 +399,18 @@ class _Pieces:
         self.usable = (norm is None or norm.normalize_str(digits) == digits) and (
             pre is None or "".join(t for t, _ in pre.pre_tokenize_str(digits)) == digits)
         self.digit_lut = None  # byte -> token id, when no BPE merge can join two digits
+        self.isolated = False  # no BPE merge can join a digit to anything
         if type(model).__name__ == "BPE" and not model.dropout and not model.continuing_subword_prefix \
                 and not model.end_of_word_suffix:
             vocab = backend.get_vocab(with_added_tokens=False)
             if all(d in vocab for d in digits) and not any(len(k) > 1 and k.isascii() and k.isdigit() for k in vocab):
                 self.digit_lut = np.zeros(256, dtype=np.int64)
                 self.digit_lut[48:58] = [vocab[d] for d in digits]
+                # No token but the digits themselves holds a digit (byte-fallback "<0x31>" aside):
+                # no merge ever joins a digit to anything, so a digit splits a piece into parts
+                # tokenized independently (Gemma, whose pre-tokenizer keeps "model\n1.5" whole).
+                self.isolated = not any(len(k) > 1 and any(c in digits for c in k) and not _BYTE_TOKEN.fullmatch(k)
+                                        for k in vocab)
 
     def splits(self, skeleton: str):
         """Pre-token cut points of a skeleton, or None if the pieces are not plain substrings."""
@@ -431,6 +458,14 @@ class _Pieces:
             return self.digit_lut[sub], None  # one token per digit
         if not digit_pos:  # the same piece in every string
             return np.broadcast_to(self.tokens(shape), (m, self.tokens(shape).size)), None
+        if self.isolated:  # the skeleton's tokens, each digit token swapped for the real digit's
+            toks = self.backend.model.tokenize(shape)
+            slot = {t.offsets[0]: k for k, t in enumerate(toks)
+                    if t.offsets[1] - t.offsets[0] == 1 and t.id == self.digit_lut[48]}
+            if all(j in slot for j in digit_pos):
+                table = np.tile(np.array([t.id for t in toks], dtype=np.int64), (m, 1))
+                table[:, [slot[j] for j in digit_pos]] = self.digit_lut[sub[:, digit_pos]]
+                return table, None
         if len(digit_pos) <= 18:
             key = ((sub[:, digit_pos] - 48).astype(np.int64) * 10 ** np.arange(len(digit_pos))).sum(1)
         else:
@@ -515,67 +550,89 @@ def _added_token_may_occur(backend, names: list[str]) -> bool:
     return any(t.content and set(t.content) <= charset for t in backend.get_added_tokens_decoder().values())
 
 
-def _assert_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, flat, offsets, *, full: bool,
-                       skeletons=None):
-    """SPEC.md section 4: tokens(prompt + s) == tokens(prompt) + tokens(s) for every support
-    string s (module docstring, step 4); ValueError with a readable report otherwise."""
-    from calft.prompts import assert_in_context_tokenization, check_in_context_tokenization
+def _answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, *, full: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 tokens, offsets int64[n+1]): the canonical tokens of every support string after
+    its prompt, tokens(prompt + s) minus tokens(prompt) (SPEC.md section 4; module docstring,
+    step 4). ValueError with a readable report where a string does not split cleanly."""
+    from calft.prompts import answer_token_ids
 
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    backend = _backend(tokenizer)
-    sk = None if full or backend is None else skeletons or _Skeletons.of(values)
-    exact: dict[int, list[int]] = {}  # prompt -> value indices to check string by string
-    if sk is None:
-        exact = {p: list(range(starts[p], starts[p + 1])) for p in range(len(rendered))}
-    else:
-        names, inverse = sk.names, sk.inverse
-        pieces, ok, probes = _Pieces(backend), {}, {}
-        for p, tail in enumerate(tails):
-            idx = np.arange(starts[p], starts[p + 1])
-            if tail is None:
-                exact[p] = idx.tolist()
-                continue
-            for g in np.unique(inverse[idx]).tolist():
-                if (tail, g) not in ok:
-                    ok[(tail, g)] = _boundary_is_clean(pieces, tail, names[g])
-                sel = idx[inverse[idx] == g]
-                if not ok[(tail, g)]:
-                    exact.setdefault(p, []).extend(sel.tolist())
-                elif len(probes.setdefault((tail, g), [])) < 3:
-                    probes[(tail, g)].append((p, int(sel[len(sel) // 2])))
-        checks = [pi for found in probes.values() for pi in found]
-        texts = [rendered[p] + values[i] for p, i in checks]
-        for (p, i), enc in zip(checks, backend.encode_batch(texts, add_special_tokens=False)):
-            if enc.ids != prompt_ids[p].tolist() + flat[offsets[i]:offsets[i + 1]].tolist():
-                warnings.warn(f"in-context spot check failed for {values[i]!r}; checking every support "
-                              "string of every prompt on its own (slow)")
-                exact = {p: list(range(starts[p], starts[p + 1])) for p in range(len(rendered))}
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    per_prompt: list = [None] * len(rendered)  # p -> (flat tokens, lengths)
+    by_tail: dict[str, list[int]] = {}
+    for p, tail in enumerate(tails):
+        if not full and tail is not None:
+            by_tail.setdefault(tail, []).append(p)
+    for tail, group in by_tail.items():
+        idx = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in group])
+        flat, offsets = tokenize_values(tokenizer, [tail + values[i] for i in idx])
+        tail_ids = np.asarray(tokenizer.encode(tail, add_special_tokens=False) if tail else [], dtype=np.int64)
+        lens = np.diff(offsets)
+        n_tail = tail_ids.size
+        clean = lens >= n_tail
+        for j in range(n_tail):  # every tokens(tail + s) starts with tokens(tail)
+            clean[clean] &= flat[offsets[:-1][clean] + j] == tail_ids[j]
+        pos = np.arange(flat.size) - np.repeat(offsets[:-1], lens)
+        flat, lens = flat[pos >= n_tail], lens - n_tail
+        # Spot checks against the whole prompt + string: the first and middle string of each prompt.
+        row = np.concatenate([[0], np.cumsum(counts[group])])
+        probes = [(p, row[k] + d) for k, p in enumerate(group) for d in {0, int(counts[p]) // 2} if counts[p]]
+        texts = [rendered[p] + values[idx[r]] for p, r in probes]
+        flat_start = np.concatenate([[0], np.cumsum(lens)])
+        trusted = True
+        for (p, r), ids in zip(probes, _encode_batch(tokenizer, texts)):
+            want = prompt_ids[p].tolist() + flat[flat_start[r]:flat_start[r + 1]].tolist()
+            if clean[r] and ids != want:
+                warnings.warn(f"in-context spot check failed for {values[idx[r]]!r}; tokenizing every support "
+                              "string with its whole prompt (slow)")
+                trusted = False
                 break
+        if not trusted:
+            continue
+        for k, p in enumerate(group):
+            a, b = row[k], row[k + 1]
+            if clean[a:b].all():
+                per_prompt[p] = (flat[flat_start[a]:flat_start[b]], lens[a:b])
     failing = []
-    for p, idx in exact.items():
-        if check_in_context_tokenization(tokenizer, rendered[p], [values[i] for i in idx]):
-            failing.append((p, idx))
-    if failing:
-        p, idx = failing[0]
+    for p in range(len(rendered)):
+        if per_prompt[p] is not None:
+            continue
         try:
-            assert_in_context_tokenization(tokenizer, rendered[p], [values[i] for i in idx])
+            seqs = answer_token_ids(tokenizer, values[starts[p]:starts[p + 1]], rendered[p])
         except ValueError as err:
-            raise ValueError(f"{len(failing)} of {len(rendered)} prompts fail the in-context tokenization "
-                             f"check (SPEC.md section 4); the first one (#{p}):\n{err}") from None
+            failing.append((p, err))
+            continue
+        per_prompt[p] = (np.fromiter((t for q in seqs for t in q), dtype=np.int64),
+                         np.array([len(q) for q in seqs], dtype=np.int64))
+    if failing:
+        p, err = failing[0]
+        raise ValueError(f"{len(failing)} of {len(rendered)} prompts fail the in-context tokenization check "
+                         f"(SPEC.md section 4); the first one (#{p}):\n{err}")
+    flat = np.concatenate([f for f, _ in per_prompt]) if per_prompt else np.zeros(0, np.int64)
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    if per_prompt:
+        np.cumsum(np.concatenate([n for _, n in per_prompt]), out=offsets[1:])
+    return flat.astype(np.int64), offsets
 
 
-def _boundary_is_clean(pieces: _Pieces, tail: str, skeleton: str) -> bool:
-    """pre_tokenize(tail + K) == pre_tokenize(tail) + pre_tokenize(K) (shifted), nothing normalized."""
-    norm, pre = pieces.backend.normalizer, pieces.backend.pre_tokenizer
-    if pre is None or pieces.splits(skeleton) is None:
-        return False
-    if norm is not None and (norm.normalize_str(tail + skeleton) != tail + skeleton
-                             or norm.normalize_str(tail) != tail):
-        return False
-    shift = len(tail)
-    expected = pre.pre_tokenize_str(tail) + [(t, (a + shift, b + shift))
-                                             for t, (a, b) in pre.pre_tokenize_str(skeleton)]
-    return pre.pre_tokenize_str(tail + skeleton) == expected
+def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+
+
+def _append_terminator(flat: np.ndarray, offsets: np.ndarray, terminator: np.ndarray):
+    """Every sequence followed by all the terminator's tokens (a multi-token terminator)."""
+    lens = np.diff(offsets)
+    t = terminator.size
+    out_offsets = offsets + t * np.arange(offsets.size)
+    out = np.empty(flat.size + t * lens.size, dtype=np.int64)
+    pos = np.arange(flat.size) + t * np.repeat(np.arange(lens.size), lens)
+    out[pos] = flat
+    for j in range(t):
+        out[out_offsets[1:] - t + j] = terminator[j]
+    return out, out_offsets
 
 
 # ---- cache file ----------------------------------------------------------------------------------

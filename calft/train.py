@@ -91,7 +91,8 @@ class TrainConfig:
     lora_r: int = knob(16, "LoRA rank")
     lora_alpha: float = knob(32.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = knob(0.05, "dropout on the LoRA input")
-    lora_targets: str = knob("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt")
+    lora_targets: str = knob("all-linear", "comma-separated module names to adapt, or 'all-linear' "
+                             "(PEFT: every linear layer but the LM head; works for dense and MoE models)")
     # run
     seed: int = knob(0, "seed of the data order, string sampling, LoRA init and dropout")
     output_dir: str = knob("", "run directory; '' = runs/<recipe>")
@@ -178,6 +179,7 @@ from calft.batching import (SparseKLLoss, build_batch, epoch_plan, global_num_po
                             step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
+from calft.prompts import terminator_ids  # noqa: E402
 
 try:
     families = [s.strip() for s in cfg.families.split(",") if s.strip()] or None
@@ -263,7 +265,8 @@ for turn in (0, 1) if distributed else (0,):
         prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
     if distributed:
         dist.barrier()
-eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+# the answer's terminator comes from the chat template (Gemma: <end_of_turn>, not <eos>)
+eos_id, pad_id = terminator_ids(tokenizer), tokenizer.pad_token_id
 items_per_epoch = len(prompts) * cfg.samples_per_prompt
 try:
     spe = steps_per_epoch(items_per_epoch, cfg.batch_size)
@@ -283,7 +286,8 @@ if model.config.vocab_size < len(tokenizer):
     fail(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+                     target_modules=("all-linear" if cfg.lora_targets.strip() == "all-linear" else
+                                     [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]))
 except ValueError as err:
     fail(str(err))
 model.train()
@@ -411,7 +415,7 @@ while step < max_steps:
                                       samples_per_prompt=cfg.samples_per_prompt), epoch
     global_items = step_items(plan, pos, global_batch=cfg.batch_size)
     mine = step_items(plan, pos, global_batch=cfg.batch_size, world_size=world_size, rank=rank)
-    global_positions = global_num_positions(prompts, global_items) if cfg.mode == "hard" else None
+    global_positions = global_num_positions(prompts, global_items, len(eos_id)) if cfg.mode == "hard" else None
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
