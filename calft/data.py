@@ -313,14 +313,16 @@ def _backend(tokenizer):
 
 
 def _encode_prompts(tokenizer, rendered: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
-    """Token ids of each rendered prompt, and its tail: the text after its last special token
-    ("" when the prompt ends with one), when tokens(prompt) verifiably ends with tokens(tail)
-    (None otherwise)."""
+    """Token ids of each rendered prompt, and its tail: the text after its last added (special or
+    not) token ("" when the prompt ends with one), when tokens(prompt) verifiably ends with
+    tokens(tail) (None otherwise)."""
     backend = _backend(tokenizer)
     if backend is None:
         return [np.asarray(tokenizer.encode(r, add_special_tokens=False), dtype=np.int64) for r in rendered], \
             [None] * len(rendered)
-    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    # HF cuts the text at every added token (special or not) before anything else: Gemma's "\n"
+    # is one, so its prompts end with one and the values are tokenized alone.
+    special = set(backend.get_added_tokens_decoder())
     tail_ids: dict[str, list[int]] = {}
     ids_out, tails = [], []
     for r, enc in zip(rendered, backend.encode_batch(rendered, add_special_tokens=False)):
@@ -409,8 +411,10 @@ class _Pieces:
                 # No token but the digits themselves holds a digit (byte-fallback "<0x31>" aside):
                 # no merge ever joins a digit to anything, so a digit splits a piece into parts
                 # tokenized independently (Gemma, whose pre-tokenizer keeps "model\n1.5" whole).
+                # Added tokens (Gemma's "<unused12>") are matched before the model runs, never merged.
+                added = {t.content for t in backend.get_added_tokens_decoder().values()}
                 self.isolated = not any(len(k) > 1 and any(c in digits for c in k) and not _BYTE_TOKEN.fullmatch(k)
-                                        for k in vocab)
+                                        and k not in added for k in vocab)
 
     def splits(self, skeleton: str):
         """Pre-token cut points of a skeleton, or None if the pieces are not plain substrings."""
@@ -563,17 +567,10 @@ def _answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, 
     for p, tail in enumerate(tails):
         if not full and tail is not None:
             by_tail.setdefault(tail, []).append(p)
+    backend = _backend(tokenizer)
     for tail, group in by_tail.items():
         idx = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in group])
-        flat, offsets = tokenize_values(tokenizer, [tail + values[i] for i in idx])
-        tail_ids = np.asarray(tokenizer.encode(tail, add_special_tokens=False) if tail else [], dtype=np.int64)
-        lens = np.diff(offsets)
-        n_tail = tail_ids.size
-        clean = lens >= n_tail
-        for j in range(n_tail):  # every tokens(tail + s) starts with tokens(tail)
-            clean[clean] &= flat[offsets[:-1][clean] + j] == tail_ids[j]
-        pos = np.arange(flat.size) - np.repeat(offsets[:-1], lens)
-        flat, lens = flat[pos >= n_tail], lens - n_tail
+        flat, lens, clean = _tail_answers(tokenizer, backend, tail, [values[i] for i in idx])
         # Spot checks against the whole prompt + string: the first and middle string of each prompt.
         row = np.concatenate([[0], np.cumsum(counts[group])])
         probes = [(p, row[k] + d) for k, p in enumerate(group) for d in {0, int(counts[p]) // 2} if counts[p]]
@@ -613,6 +610,69 @@ def _answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, 
     if per_prompt:
         np.cumsum(np.concatenate([n for _, n in per_prompt]), out=offsets[1:])
     return flat.astype(np.int64), offsets
+
+
+def _tail_answers(tokenizer, backend, tail: str, values: list[str]):
+    """(flat, lengths, clean bool[n]): tokens(tail + s) minus tokens(tail) for each s; clean[i] is
+    False where tokens(tail + s) does not start with tokens(tail).
+
+    Strings whose skeleton K meets the tail at a pre-token boundary (pre_tokenize(tail + K) =
+    pre_tokenize(tail) + pre_tokenize(K), nothing normalized) are tokenized alone: tokens(tail + s)
+    = tokens(tail) + tokens(s) (SmolLM2, Qwen, Llama-3 after "assistant\n"). The others (Gemma,
+    whose pre-tokenizer keeps "model\n-1.5" one piece) are tokenized as tail + s, then the tail's
+    tokens are taken off."""
+    n = len(values)
+    tail_ids = np.asarray(tokenizer.encode(tail, add_special_tokens=False) if tail else [], dtype=np.int64)
+    alone = np.ones(n, dtype=bool) if not tail else np.zeros(n, dtype=bool)
+    sk = _Skeletons.of(values) if tail and backend is not None else None
+    if sk is not None:
+        pieces = _Pieces(backend)
+        for g, name in enumerate(sk.names):
+            if _boundary_is_clean(pieces, tail, name):
+                alone[sk.order[sk.bounds[g]:sk.bounds[g + 1]]] = True
+    parts = []  # (string indices, flat tokens, lengths)
+    if alone.any():
+        which = np.nonzero(alone)[0]
+        flat, offsets = tokenize_values(tokenizer, [values[i] for i in which],
+                                        skeletons=sk if alone.all() else None)
+        parts.append((which, flat, np.diff(offsets), np.ones(which.size, dtype=bool)))
+    if not alone.all():
+        which = np.nonzero(~alone)[0]
+        flat, offsets = tokenize_values(tokenizer, [tail + values[i] for i in which])
+        lens = np.diff(offsets)
+        n_tail = tail_ids.size
+        clean = lens >= n_tail
+        for j in range(n_tail):  # every tokens(tail + s) starts with tokens(tail)
+            clean[clean] &= flat[offsets[:-1][clean] + j] == tail_ids[j]
+        pos = np.arange(flat.size) - np.repeat(offsets[:-1], lens)
+        parts.append((which, flat[pos >= n_tail], lens - n_tail, clean))
+    if len(parts) == 1 and parts[0][0].size == n:
+        return parts[0][1], parts[0][2], parts[0][3]
+    lens = np.zeros(n, dtype=np.int64)
+    clean = np.zeros(n, dtype=bool)
+    for which, _, part_lens, part_clean in parts:
+        lens[which], clean[which] = part_lens, part_clean
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    flat = np.empty(int(starts[-1]), dtype=np.int64)
+    for which, part_flat, part_lens, _ in parts:  # scatter each part's tokens to their strings' slots
+        dest = np.repeat(starts[which], part_lens) + (np.arange(part_flat.size) - np.repeat(
+            np.concatenate([[0], np.cumsum(part_lens)[:-1]]), part_lens))
+        flat[dest] = part_flat
+    return flat, lens, clean
+
+
+def _boundary_is_clean(pieces: _Pieces, tail: str, skeleton: str) -> bool:
+    """pre_tokenize(tail + K) == pre_tokenize(tail) + pre_tokenize(K) (shifted), nothing normalized."""
+    norm, pre = pieces.backend.normalizer, pieces.backend.pre_tokenizer
+    if pre is None or pieces.splits(skeleton) is None:
+        return False
+    if norm is not None and (norm.normalize_str(tail + skeleton) != tail + skeleton
+                             or norm.normalize_str(tail) != tail):
+        return False
+    shift = len(tail)
+    expected = pre.pre_tokenize_str(tail) + [(t, (a + shift, b + shift))
+                                             for t, (a, b) in pre.pre_tokenize_str(skeleton)]
+    return pre.pre_tokenize_str(tail + skeleton) == expected
 
 
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
