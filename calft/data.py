@@ -1,18 +1,20 @@
 """Prepared data: (tokenizer, data settings, prompt specs) -> what training needs per prompt.
 
-    spec -> prompt text -> chat-rendered prompt -> prompt_ids
-         -> support (canonical strings, float64 probs) -> answer tokens (each string alone)
-         -> trie over answer tokens + EOS (one calft.trie.build_tries call for all prompts)
+    spec -> prompt text -> chat-rendered prompt (+ answer prefix) -> prompt_ids
+         -> support (canonical strings, float64 probs) -> answer tokens in context
+            (tokens(prompt + s) minus tokens(prompt))
+         -> trie over answer tokens + the template's terminator (calft.prompts.answer_format;
+            one calft.trie.build_tries call for all prompts)
 
 Everything is cached on disk, keyed by a hash of the tokenizer (vocabulary, merges, chat
-template, EOS), the settings, the specs, the calft version and the source of the modules that
-define the data. The file holds concatenated arrays + offsets in the safetensors layout and is
-memory-mapped on load, so a second run only rebuilds the Python objects (~0.5 s for the train
-split) while the big arrays stay on the page cache.
+template, EOS, a rendered probe prompt and the terminator), the settings, the specs, the calft
+version and the source of the modules that define the data. The file holds concatenated arrays
++ offsets in the safetensors layout and is memory-mapped on load, so a second run only rebuilds
+the Python objects (~0.5 s for the train split) while the big arrays stay on the page cache.
 
 Tokenizing ~1.65M support strings (train split, 5 decimals, 1001 bins) one by one with a fast
 HF tokenizer costs ~10 us each, ~20 s, and the in-context check of SPEC.md section 4 doubles
-that. `tokenize_values` / `_assert_in_context` do it piecewise instead, with the same result:
+that. `tokenize_values` / `_answers_in_context` do it piecewise instead, with the same result:
   1. A fast tokenizer encodes a string as concat(model(piece) for piece in pre_tokenize(
      normalize(s))), the model running on each pre-token independently.
   2. Support strings hold only digits and a few other ASCII characters ('-', '.'). Group them
@@ -21,15 +23,19 @@ that. `tokenize_values` / `_assert_in_context` do it piecewise instead, with the
   3. Each piece is tokenized once (memo). For a BPE model whose vocabulary has no token made of
      two or more digits (SmolLM2, Qwen, Gemma), an all-digit piece is exactly one token per
      digit: a merge inside it would create such a token. Otherwise pieces go to the model.
-  4. In-context check, for every support string s: the prompt ends with a special token
-     followed by a tail (e.g. "assistant\\n"); HF cuts the text at special tokens first, so
-     tokens(prompt + s) = tokens(head) + tokens(tail + s). That equals tokens(prompt) + tokens(s)
-     whenever pre_tokenize(tail + K) = pre_tokenize(tail) + pre_tokenize(K) (K = skeleton of s),
-     checked once per (tail, skeleton) pair, and tokens(prompt) ends with tokens(tail), checked
-     per prompt. Pairs that fail are checked string by string (calft.prompts).
+     A vocabulary in which no token but the digits holds a digit (Gemma) never merges a digit
+     with anything: a piece's tokens are its skeleton's, each digit token swapped for the real one.
+  4. Answers in context (SPEC.md section 4), for every support string s: HF cuts the text at
+     added tokens first, so with tail = the text after the prompt's last added token (e.g.
+     "assistant\n"; "" after Mistral's [/INST] or Gemma's "\n"), tokens(prompt + s) =
+     tokens(head) + tokens(tail + s), and the answer is tokens(tail + s) minus tokens(tail).
+     Where pre_tokenize(tail + K) = pre_tokenize(tail) + pre_tokenize(K) (K = skeleton of s,
+     checked once per (tail, skeleton) pair) that is tokens(s) alone; otherwise tail + s is
+     tokenized (steps 2-3) and tokens(tail) taken off. A string whose tokens(tail + s) does not
+     start with tokens(tail) has no clean split: a ValueError reports it.
 Every assumption is verified where it is used, and spot checks compare against the tokenizer
 itself (~4000 evenly spaced strings and the first of each skeleton; the whole prompt + string
-for 3 strings per (tail, skeleton) pair); any failure falls back to the exact per-string path.
+for 2 strings per prompt); any failure falls back to the exact per-string path.
 Train split, SmolLM2: ~1 s instead of ~60 s, identical tokens for all 1.65M strings.
 """
 
