@@ -155,7 +155,7 @@ def answer_format(tokenizer) -> AnswerFormat:
     the answer prefix; the tokens after the placeholder, up to the first special token, end it.
     """
     template = getattr(tokenizer, "chat_template", None)
-    key = (str(template), tokenizer.eos_token_id, len(tokenizer))
+    key = (str(template), tokenizer.eos_token_id)  # not len(tokenizer): ~2 ms a call on Gemma
     try:
         memo = _FORMATS.get(tokenizer)
     except TypeError:
@@ -305,12 +305,18 @@ class TokenizationMismatch:
 _SPECIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _size(tokenizer) -> int:
+    """Vocabulary size with added tokens, cheaply (len() of a fast HF tokenizer builds a dict)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    return backend.get_vocab_size(with_added_tokens=True) if backend is not None else len(tokenizer)
+
+
 def _special_strings(tokenizer) -> list[str]:
     """Text of every special (added) token: the tokenizer splits the input at these first.
 
-    Memoized per tokenizer (and its size): Gemma's ~6,250 special tokens took ~5 ms to collect, on
-    every prompt."""
-    key = len(tokenizer)
+    Memoized per tokenizer (and its size): collecting Gemma's ~6,250 special tokens through
+    `added_tokens_decoder` costs ~26 ms, which was paid on every prompt."""
+    key = _size(tokenizer)
     try:
         memo = _SPECIALS.get(tokenizer)
     except TypeError:
@@ -340,8 +346,24 @@ def _split_at_last_special(tokenizer, rendered_prompt: str, prompt_ids=None, off
     return max([0] + ends)
 
 
+_SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _special_ids(tokenizer) -> set[int]:
-    return {int(i) for i in tokenizer.convert_tokens_to_ids(_special_strings(tokenizer)) if i is not None}
+    """Ids of `_special_strings` (memoized the same way)."""
+    key = _size(tokenizer)
+    try:
+        memo = _SPECIAL_IDS.get(tokenizer)
+    except TypeError:
+        memo = None
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    out = {int(i) for i in tokenizer.convert_tokens_to_ids(_special_strings(tokenizer)) if i is not None}
+    try:
+        _SPECIAL_IDS[tokenizer] = (key, out)
+    except TypeError:
+        pass
+    return out
 
 
 def _in_context(tokenizer, rendered_prompt: str, values: list[str], *, full: bool = False):
