@@ -179,3 +179,29 @@ def test_gpt_oss_moe_lora_default_targets():
     model = add_lora(GptOssForCausalLM(config))
     names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= names, names
+
+
+def test_batch_with_a_999_way_node():
+    """Uniform(0, 1) at 3 decimals under Llama-3: after "0." one node has 999 children (the 3-digit
+    tokens 001..999). The batch builder's sparse rows and the loss, against a dense float64 KL."""
+    tok = load_family_tokenizer("llama3")
+    prep = prepare_prompts(tok, [PromptSpec("uniform", (("a", 0), ("b", 1)))], DataSettings(num_decimals=3),
+                           cache_dir=False, progress=False)[0]
+    assert int(np.diff(prep.trie.row_ptr).max()) == 999
+    model = tiny_model(tok, seed=2)
+    items = np.array([[0, 10], [0, 500]])
+    batch = build_batch([prep], items, mode="soft", pad_id=tok.pad_token_id, eos_id=prep.terminator_ids,
+                        global_batch=2)
+    rows = np.diff(batch.targets.row_ptr.numpy())
+    assert rows.max() == 999
+    with torch.no_grad():
+        loss = SparseKLLoss(model)(batch).double()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), -1)[batch.gather_index]
+    q = torch.zeros_like(logp)
+    ptr = batch.targets.row_ptr
+    for r in range(len(rows)):
+        q[r, batch.targets.token_ids[ptr[r]:ptr[r + 1]]] = batch.targets.probs[ptr[r]:ptr[r + 1]].double()
+    kl = (q * (torch.log(q.clamp_min(1e-300)) - logp)).sum(-1)
+    ref = (batch.weights.double() * kl).sum()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, ref.item()), (loss.item(), ref.item())
