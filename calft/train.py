@@ -123,10 +123,12 @@ class TrainConfig:
 RECIPES = {
     "quick": dict(mode="soft", num_decimals=1, max_bins=1001, max_prompts_per_family=16, epochs=2,
                   batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0,
-                  lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                  checkpoint_interval=25, eval_decimals=1, eval_bins=2001),
-    "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3),
-    "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2),
+                  lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=2001),
+    # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
+    "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
+                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
+    "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2,
+                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
 }
 # argparse groups: the field that opens each group -> its title
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",

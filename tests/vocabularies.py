@@ -281,7 +281,11 @@ def family_tokenizer_dir(family: str) -> Path:
         out = tmp / "out"
         tok.save_pretrained(str(out))
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(out, target)
+        try:
+            os.replace(out, target)
+        except OSError:  # another process finished the same build first
+            if not (target / "tokenizer.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
