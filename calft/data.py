@@ -25,6 +25,8 @@ that. `tokenize_values` / `_answers_in_context` do it piecewise instead, with th
      digit: a merge inside it would create such a token. Otherwise pieces go to the model.
      A vocabulary in which no token but the digits holds a digit (Gemma) never merges a digit
      with anything: a piece's tokens are its skeleton's, each digit token swapped for the real one.
+     Where no BPE merge produces a digit at all, the same holds for whole strings through the
+     normalizer (`_template_tokenize`: Phi-3 / Llama-2, whose normalizer prepends "▁").
   4. Answers in context (SPEC.md section 4), for every support string s: HF cuts the text at
      added tokens first, so with tail = the text after the prompt's last added token (e.g.
      "assistant\n"; "" after Mistral's [/INST] or Gemma's "\n"), tokens(prompt + s) =
@@ -644,7 +646,9 @@ def _tail_answers(tokenizer, backend, tail: str, values: list[str]):
         parts.append((which, flat, np.diff(offsets), np.ones(which.size, dtype=bool)))
     if not alone.all():
         which = np.nonzero(~alone)[0]
-        flat, offsets = tokenize_values(tokenizer, [tail + values[i] for i in which])
+        texts = [tail + values[i] for i in which]
+        fast = _template_tokenize(tokenizer, backend, texts)
+        flat, offsets = fast if fast is not None else tokenize_values(tokenizer, texts)
         lens = np.diff(offsets)
         n_tail = tail_ids.size
         clean = lens >= n_tail
@@ -665,6 +669,62 @@ def _tail_answers(tokenizer, backend, tail: str, values: list[str]):
             np.concatenate([[0], np.cumsum(part_lens)[:-1]]), part_lens))
         flat[dest] = part_flat
     return flat, lens, clean
+
+
+def _digits_isolated(backend) -> np.ndarray | None:
+    """byte -> token id of each digit when no BPE merge ever produces a token holding a digit
+    (so a digit is always its own token and splits the text around it); else None."""
+    model = json.loads(backend.to_str()).get("model", {})
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        return None
+    vocab, digits = model["vocab"], "0123456789"
+    if not all(d in vocab for d in digits):
+        return None
+    for merge in model["merges"]:
+        pair = merge if isinstance(merge, list) else merge.split(" ")
+        if any(c in digits for c in "".join(pair)):
+            return None
+    lut = np.zeros(256, dtype=np.int64)
+    lut[48:58] = [vocab[d] for d in digits]
+    return lut
+
+
+def _template_tokenize(tokenizer, backend, texts: list[str]):
+    """(flat, offsets) for a digit-isolated vocabulary whose normalizer or pre-tokenizer the
+    piecewise path cannot follow (Phi-3 / Llama-2: a prefix "▁"): per skeleton, the tokenizer's
+    own tokens of the skeleton, each digit's token swapped for the real digit's. Spot-checked
+    against the tokenizer; None when it does not apply."""
+    if backend is None or not texts:
+        return None
+    sk = _Skeletons.of(texts)
+    lut = None if sk is None else _digits_isolated(backend)
+    if lut is None:
+        return None
+    n = len(texts)
+    tables = []
+    for g, (name, enc) in enumerate(zip(sk.names, backend.encode_batch(sk.names, add_special_tokens=False))):
+        digit_pos = [j for j, c in enumerate(name) if c == "0"]
+        slot = {a: k for k, (tok, (a, b)) in enumerate(zip(enc.ids, enc.offsets)) if b - a == 1 and tok == lut[48]}
+        if not all(j in slot for j in digit_pos) or len(slot) != len(digit_pos):
+            return None
+        rows = sk.order[sk.bounds[g]:sk.bounds[g + 1]]
+        table = np.tile(np.asarray(enc.ids, dtype=np.int64), (rows.size, 1))
+        table[:, [slot[j] for j in digit_pos]] = lut[sk.chars[rows][:, digit_pos]]
+        tables.append((rows, table))
+    lens = np.zeros(n, dtype=np.int64)
+    for rows, table in tables:
+        lens[rows] = table.shape[1]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.empty(int(offsets[-1]), dtype=np.int64)
+    for rows, table in tables:
+        flat[(offsets[rows][:, None] + np.arange(table.shape[1])).ravel()] = table.ravel()
+    probe = np.unique(np.r_[np.linspace(0, n - 1, min(n, 4000)).astype(np.int64), sk.order[sk.bounds[:-1]]])
+    for i, enc in zip(probe.tolist(), backend.encode_batch([texts[i] for i in probe], add_special_tokens=False)):
+        if flat[offsets[i]:offsets[i + 1]].tolist() != enc.ids:
+            return None
+    return flat, offsets
 
 
 def _boundary_is_clean(pieces: _Pieces, tail: str, skeleton: str) -> bool:

@@ -205,3 +205,19 @@ def test_batch_with_a_999_way_node():
     kl = (q * (torch.log(q.clamp_min(1e-300)) - logp)).sum(-1)
     ref = (batch.weights.double() * kl).sum()
     assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, ref.item()), (loss.item(), ref.item())
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3"])
+def test_digit_isolated_vocabularies_take_the_fast_paths(name):
+    """No BPE merge joins a digit to anything in these vocabularies: the skeleton-template path
+    tokenizes "\\n" + value for Phi-3 (its normalizer prepends "▁") exactly like the tokenizer."""
+    import calft.data as data
+    from calft.support import build_support
+
+    tok = load_family_tokenizer(name)
+    backend = tok.backend_tokenizer
+    assert data._digits_isolated(backend) is not None
+    texts = ["\n" + v for v in build_support("gaussian", {"mu": -3.5, "sigma": 20}, num_decimals=5).values]
+    flat, offsets = data._template_tokenize(tok, backend, texts)
+    assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == \
+        tok(texts, add_special_tokens=False)["input_ids"]
