@@ -9,8 +9,10 @@ only -> `calft.losses.linear_soft_target_kl` against the LM head.
 Which positions (SPEC.md section 5). A prompt of P tokens followed by an answer string of L
 tokens is the input ``x = prompt_ids + answer_ids`` (length P + L). Position ``t`` predicts token
 ``t + 1``, so the trained positions are ``t = P-1, ..., P-1+L``: L+1 positions predicting the L
-answer tokens and then EOS. (EOS itself is never an input.) Position ``P-1+j`` sits at trie node
-``path_nodes(s)[j]`` (the prefix of the first j answer tokens).
+answer tokens and then EOS, where "EOS" is the terminator that the chat template ends a turn with
+(calft.prompts.answer_format: Gemma's <end_of_turn>, not its tokenizer's <eos>). (EOS itself is
+never an input.) Position ``P-1+j`` sits at trie node ``path_nodes(s)[j]`` (the prefix of the first
+j answer tokens). A terminator of K > 1 tokens adds K positions instead of one.
 
 Targets and weights. With G sequences in one global optimizer step (all micro-batches of all
 ranks) and reduction "sum" over the rows of all of them:
@@ -119,9 +121,9 @@ def step_items(plan: np.ndarray, step_in_epoch: int, *, global_batch: int, world
     return items[rank * per_rank:(rank + 1) * per_rank]
 
 
-def global_num_positions(prompts: Sequence, items: np.ndarray) -> int:
-    """Trained positions (answer tokens + EOS) of all ``items``: the hard-mode denominator."""
-    return int(sum(len(prompts[p].answer_ids[s]) + 1 for p, s in items))
+def global_num_positions(prompts: Sequence, items: np.ndarray, terminator_len: int = 1) -> int:
+    """Trained positions (answer tokens + terminator) of all ``items``: the hard-mode denominator."""
+    return int(sum(len(prompts[p].answer_ids[s]) + terminator_len for p, s in items))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,43 +154,52 @@ class Batch:
                      self.num_tokens, self.prefix_len, *tree)
 
 
-def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int, eos_id: int,
+def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int, eos_id,
                 global_batch: int, global_positions: int | None = None) -> Batch:
     """Collate ``items`` ((prompt index, string index) rows) into a :class:`Batch`.
 
     ``global_batch`` (G) is the number of sequences in the whole optimizer step and
     ``global_positions`` (hard mode only) its number of trained positions; they fix the weights so
     that summing the weighted KL over every micro-batch of every rank gives the step loss.
+    ``eos_id``: the answer's terminator (calft.prompts.terminator_ids), one id or a sequence; a
+    multi-token terminator is predicted token by token after the answer (L + K positions).
     """
     if mode not in ("soft", "hard"):
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
     if mode == "hard" and not global_positions:
         raise ValueError("hard mode needs global_positions (trained positions in the step)")
+    term = np.atleast_1d(np.asarray(eos_id, dtype=np.int64))  # the terminator: usually 1 token
+    if term.ndim != 1 or term.size == 0:
+        raise ValueError(f"eos_id must be a token id or a non-empty sequence of them, got {eos_id!r}")
+    K = term.size
     seqs, gather, row_lens, ids, probs, weights = [], [], [], [], [], []
-    T = max(len(prompts[p].prompt_ids) + len(prompts[p].answer_ids[s]) for p, s in items)
+    T = max(len(prompts[p].prompt_ids) + len(prompts[p].answer_ids[s]) + K - 1 for p, s in items)
     for b, (p, s) in enumerate(items):
         prep = prompts[p]
         answer = np.asarray(prep.answer_ids[s], dtype=np.int64)
         P, L = len(prep.prompt_ids), len(answer)
-        seqs.append(np.concatenate([np.asarray(prep.prompt_ids, dtype=np.int64), answer]))
-        gather.extend(b * T + P - 1 + j for j in range(L + 1))
+        predicted = np.concatenate([answer, term])  # the n = L + K tokens predicted
+        n = L + K
+        # a multi-token terminator's tokens but the last are inputs too (the trie's chain)
+        seqs.append(np.concatenate([np.asarray(prep.prompt_ids, dtype=np.int64), predicted[:-1]]))
+        gather.extend(b * T + P - 1 + j for j in range(n))
         if mode == "soft":
             trie = prep.trie
             nodes = trie.path_nodes(int(s))
-            if len(nodes) != L + 1:
+            if len(nodes) != n:
                 raise ValueError(f"trie path of prompt {p} string {s} has {len(nodes)} nodes, "
-                                 f"expected {L + 1} (answer tokens + EOS)")
+                                 f"expected {n} (answer tokens + {K} terminator token(s))")
             for v in nodes:
                 lo, hi = int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])
                 ids.append(trie.token_ids[lo:hi])
                 probs.append(trie.probs[lo:hi])
                 row_lens.append(hi - lo)
-            weights.extend([1.0 / ((L + 1) * global_batch)] * (L + 1))
+            weights.extend([1.0 / (n * global_batch)] * n)
         else:
-            ids.append(np.append(answer, eos_id))
-            probs.append(np.ones(L + 1))
-            row_lens.extend([1] * (L + 1))
-            weights.extend([1.0 / global_positions] * (L + 1))
+            ids.append(predicted)
+            probs.append(np.ones(n))
+            row_lens.extend([1] * n)
+            weights.extend([1.0 / global_positions] * n)
     input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), T), dtype=np.int64)
     for b, x in enumerate(seqs):
@@ -219,9 +230,11 @@ def trie_row_weights(prep) -> np.ndarray:
     EOS) get 0: they are on no path. A parent's weight is >= each child's.
     """
     p = np.asarray(prep.support.probs, dtype=np.float64)
-    lengths = np.asarray([len(a) for a in prep.answer_ids], dtype=np.float64)
+    # trained positions of each path: answer tokens + the terminator's (L_s + 1 with a 1-token one)
+    positions = np.asarray(prep.answer_ids.lengths() if hasattr(prep.answer_ids, "lengths")
+                           else [len(a) for a in prep.answer_ids], dtype=np.float64) + max(1, len(prep.terminator_ids))
     trie = prep.trie
-    w = subtree_sums(trie, np.asarray(trie.sequence_leaf, dtype=np.int64), p / p.sum() / (lengths + 1))
+    w = subtree_sums(trie, np.asarray(trie.sequence_leaf, dtype=np.int64), p / p.sum() / positions)
     w[np.diff(np.asarray(trie.row_ptr)) == 0] = 0.0
     return w
 

@@ -38,37 +38,53 @@ MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
 # trie scoring (see calft.tree for score_trie and tree attention)
 
 
-def _answer_trie(tokenizer, values):
-    from calft.prompts import answer_token_ids
+def _answer_trie(tokenizer, values, rendered_prompt: str):
+    """Trie over the canonical in-context tokens of `values` + the template's terminator."""
+    from calft.prompts import answer_token_ids, terminator_ids
+
+    answers = answer_token_ids(tokenizer, list(values), rendered_prompt)
+    return _terminated_trie(answers, terminator_ids(tokenizer))
+
+
+def _terminated_trie(answers, terminator):
+    """build_trie over answers + terminator (all its tokens: a chain when it has several)."""
     from calft.trie import build_trie
 
-    answers = answer_token_ids(tokenizer, list(values))
-    return build_trie(answers, np.ones(len(answers)), eos_id=tokenizer.eos_token_id)
+    term = [int(t) for t in np.atleast_1d(terminator)]
+    if len(term) == 1:
+        return build_trie(answers, np.ones(len(answers)), eos_id=term[0])
+    return build_trie([list(map(int, a)) + term for a in answers], np.ones(len(answers)))
 
 
 def support_log_probs(model, tokenizer, prompt_text: str, support_values, *, chunk_size: int = 256) -> np.ndarray:
     """float64[len(support_values)]: log m(s) of each canonical string s followed by EOS.
 
-    The prompt is chat-formatted exactly as in training (calft.prompts.prompt_token_ids).
+    The prompt is chat-formatted exactly as in training (calft.prompts.prompt_token_ids); s is
+    tokenized in context and "EOS" is the template's terminator (calft.prompts.answer_format).
     """
-    from calft.prompts import prompt_token_ids
+    from calft.prompts import render_chat
 
     values = list(support_values)
     if not values:
         raise ValueError("support_values is empty")
-    trie = _answer_trie(tokenizer, values)
-    edge_logp = score_trie(model, prompt_token_ids(tokenizer, prompt_text), trie, chunk_size=chunk_size)
+    rendered = render_chat(tokenizer, prompt_text)
+    trie = _answer_trie(tokenizer, values, rendered)
+    prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+    edge_logp = score_trie(model, prompt_ids, trie, chunk_size=chunk_size)
     return node_log_mass(trie, edge_logp)[np.asarray(trie.sequence_leaf)]
 
 
 @torch.no_grad()
-def sequence_log_probs_ref(model, prompt_ids, answer_ids, eos_id: int) -> np.ndarray:
-    """Brute-force oracle: one full forward of prompt + answer + EOS per string (float64 sums)."""
+def sequence_log_probs_ref(model, prompt_ids, answer_ids, eos_id) -> np.ndarray:
+    """Brute-force oracle: one full forward of prompt + answer + EOS per string (float64 sums).
+
+    eos_id: the terminator, one token id or a sequence of them."""
     device = next(model.parameters()).device
     prompt = list(map(int, prompt_ids))
+    term = [int(t) for t in np.atleast_1d(eos_id)]
     out = np.empty(len(answer_ids), dtype=np.float64)
     for i, ans in enumerate(answer_ids):
-        seq = prompt + list(map(int, ans)) + [int(eos_id)]
+        seq = prompt + list(map(int, ans)) + term
         logits = model(input_ids=torch.tensor([seq], device=device)).logits[0].double()  # [T, V]
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # rows predicting answer + EOS
         out[i] = logp.gather(1, torch.tensor(seq[len(prompt):], device=device)[:, None]).sum().item()
@@ -90,10 +106,10 @@ def _scoring_trie(prepared):
     leaf = np.asarray(trie.sequence_leaf, dtype=np.int64)
     if (leaf >= 0).all():
         return trie, leaf
-    from calft.trie import build_trie
-
-    eos = int(np.asarray(trie.parent_token)[leaf[leaf >= 0][0]])  # last edge of any path is EOS
-    full = build_trie([list(a) for a in prepared.answer_ids], np.ones(len(prepared.answer_ids)), eos_id=eos)
+    term = getattr(prepared, "terminator_ids", ())
+    if not len(term):  # older objects: the last edge of any path is the (one-token) terminator
+        term = [int(np.asarray(trie.parent_token)[leaf[leaf >= 0][0]])]
+    full = _terminated_trie([list(a) for a in prepared.answer_ids], term)
     return full, np.asarray(full.sequence_leaf, dtype=np.int64)
 
 

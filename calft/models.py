@@ -20,7 +20,9 @@ import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# PEFT's own option: every linear layer but the output head. Names like gate_proj/up_proj are not
+# universal (a MoE's experts are fused parameters, gpt-oss has none of them).
+DEFAULT_LORA_TARGETS = "all-linear"
 
 
 def cache_root() -> Path:
@@ -242,9 +244,11 @@ def add_lora(
         raise ValueError(f"LoRA rank must be positive, got r={r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    targets = list(target_modules)
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    targets = target_modules if target_modules == "all-linear" else list(target_modules)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    missing = [] if targets == "all-linear" else [t for t in targets if t not in names]
     if missing:
         raise ValueError(
             f"LoRA target modules {missing} not found in {type(model).__name__}; "

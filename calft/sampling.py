@@ -211,8 +211,12 @@ def new_cache(model):
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids: the tokenizer's plus the generation config's (chat models end turns differently)."""
-    ids = set()
+    """Stop ids: the last token of the chat template's answer terminator (calft.prompts.answer_format,
+    e.g. Gemma's <end_of_turn>: the one training and scoring use), plus the tokenizer's and the
+    generation config's EOS."""
+    from calft.prompts import answer_format
+
+    ids = set(answer_format(tokenizer).terminator_ids[-1:])
     for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if source is None:
             continue

@@ -108,7 +108,8 @@ class TrainConfig:
     lora_r: int = knob(16, "LoRA rank")
     lora_alpha: float = knob(32.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = knob(0.05, "dropout on the LoRA input")
-    lora_targets: str = knob("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt")
+    lora_targets: str = knob("all-linear", "comma-separated module names to adapt, or 'all-linear' "
+                             "(PEFT: every linear layer but the LM head; works for dense and MoE models)")
     # run
     seed: int = knob(0, "seed of the data order, string sampling, LoRA init and dropout")
     output_dir: str = knob("", "run directory; '' = runs/<recipe>")
@@ -144,10 +145,12 @@ class TrainConfig:
 RECIPES = {
     "quick": dict(mode="soft", num_decimals=1, max_bins=1001, max_prompts_per_family=16, epochs=2,
                   batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0,
-                  lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                  checkpoint_interval=25, eval_decimals=1, eval_bins=2001),
-    "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3),
-    "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2),
+                  lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=2001),
+    # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
+    "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
+                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
+    "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2,
+                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
 }
 # argparse groups: the field that opens each group -> its title
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",
@@ -202,6 +205,7 @@ from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_p
                             global_num_positions, step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
+from calft.prompts import terminator_ids  # noqa: E402
 from calft.models import check_model_files  # noqa: E402
 from calft.support import _MAX_DECIMALS  # noqa: E402
 
@@ -355,7 +359,8 @@ for turn in (0, 1) if distributed else (0,):
         prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
     if distributed:
         dist.barrier()
-eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+# the answer's terminator comes from the chat template (Gemma: <end_of_turn>, not <eos>)
+eos_id, pad_id = terminator_ids(tokenizer), tokenizer.pad_token_id
 # Tree batches (trie mode, soft --share-prompt): one item per prompt per epoch, each one
 # tree-attention forward of its prompt + nodes (calft.tree); the global batch counts prompts.
 tree_batches = cfg.mode == "trie" or cfg.share_prompt
@@ -382,7 +387,8 @@ if model.config.vocab_size < len(tokenizer):
     fail(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+                     target_modules=("all-linear" if cfg.lora_targets.strip() == "all-linear" else
+                                     [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]))
 except ValueError as err:
     fail(str(err))
 model.train()
@@ -550,7 +556,7 @@ while step < max_steps:
                                       samples_per_prompt=1 if tree_batches else cfg.samples_per_prompt), epoch
     global_items = step_items(plan, pos, global_batch=cfg.batch_size)
     mine = step_items(plan, pos, global_batch=cfg.batch_size, world_size=world_size, rank=rank)
-    global_positions = global_num_positions(prompts, global_items) if cfg.mode == "hard" else None
+    global_positions = global_num_positions(prompts, global_items, len(eos_id)) if cfg.mode == "hard" else None
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -60,7 +60,8 @@ def test_selected_prompts_match_tokenizer_and_reference(selected, smollm2_tokeni
     for prep in selected:
         assert prep.prompt_ids.tolist() == prompt_token_ids(tok, prep.text)
         values = list(prep.support.values)
-        assert [a.tolist() for a in prep.answer_ids] == exact_tokens(tok, values)
+        assert [a.tolist() for a in prep.answer_ids] == exact_tokens(tok, values)  # SmolLM2: same alone
+        assert [a.tolist() for a in prep.answer_ids] == answer_token_ids(tok, values, render_chat(tok, prep.text))
         ref = reference_build_trie([a.tolist() for a in prep.answer_ids], prep.support.probs, tok.eos_token_id)
         assert prep.trie == ref
         assert np.array_equal(prep.trie.depth, ref.depth) and np.array_equal(prep.trie.parent, ref.parent)
@@ -174,7 +175,7 @@ def test_tokenize_values_grouped_path(smollm2_tokenizer, monkeypatch):
     assert as_lists(*tokenize_values(smollm2_tokenizer, values)) == exact_tokens(smollm2_tokenizer, values)
     monkeypatch.setattr(data._Pieces, "__init__", lambda self, backend: (
         setattr(self, "backend", backend), setattr(self, "memo", {}), setattr(self, "usable", True),
-        setattr(self, "digit_lut", None)) and None)
+        setattr(self, "digit_lut", None), setattr(self, "isolated", False)) and None)
     assert as_lists(*tokenize_values(smollm2_tokenizer, values)) == exact_tokens(smollm2_tokenizer, values)
 
 
@@ -190,9 +191,9 @@ def test_tokenize_values_fallbacks(smollm2_tokenizer):
 # ---- in-context check ----------------------------------------------------------------------------
 def run_check(tok, rendered, values, full=False):
     prompt_ids, tails = data._encode_prompts(tok, [rendered])
-    flat, offsets = tokenize_values(tok, values)
-    data._assert_in_context(tok, [rendered], prompt_ids, tails, values, np.array([len(values)]),
-                            flat, offsets, full=full)
+    flat, offsets = data._answers_in_context(tok, [rendered], prompt_ids, tails, values, np.array([len(values)]),
+                                             full=full)
+    assert as_lists(flat, offsets) == answer_token_ids(tok, values, rendered)
     return tails[0]
 
 
@@ -205,7 +206,7 @@ def test_in_context_check_passes_for_chat_prompt(smollm2_tokenizer):
 def test_in_context_mismatch_is_reported(smollm2_tokenizer, rendered):
     # After a trailing space, SmolLM2 merges " -" into one token, so "-3.5" tokenizes differently
     # in context than alone; digits have no such merge. With and without a special token before.
-    with pytest.raises(ValueError, match=r"(?s)1 of 1 prompts fail.*for 1 of 3 support strings") as err:
+    with pytest.raises(ValueError, match=r"(?s)1 of 1 prompts fail.*1 of 3 support strings do not split cleanly") as err:
         run_check(smollm2_tokenizer, rendered, ["5", "12", "-3.5"])
     assert "'-3.5': from token" in str(err.value) and "' -'" in str(err.value)
 

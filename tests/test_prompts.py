@@ -1,5 +1,6 @@
 """calft.prompts: SPEC.md section 1 text, chat rendering, tokenization, in-context check."""
 
+import copy
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from calft.prompts import (
     check_in_context_tokenization,
     format_number,
     prompt_text,
+    answer_format,
     prompt_token_ids,
     render_chat,
 )
@@ -87,15 +89,17 @@ class _StubTokenizer:
         return "<u>" + messages[0]["content"] + "</u><a>"
 
 
-def test_render_chat_switches():
+def test_render_chat_switches(tiny_tokenizer):
     plain = _StubTokenizer(None)
     assert render_chat(plain, "hello") == "hello" and not plain.calls
-    tok = _StubTokenizer("{{ messages }}")
-    assert render_chat(tok, "hello") == "<u>hello</u><a>"
-    assert tok.calls == [([{"role": "user", "content": "hello"}], {"tokenize": False, "add_generation_prompt": True})]
-    qwen = _StubTokenizer("{% if enable_thinking is defined and enable_thinking is false %}{% endif %}")
-    render_chat(qwen, "hello")
-    assert qwen.calls[0][1]["enable_thinking"] is False
+    tok = copy.deepcopy(tiny_tokenizer)
+    # thinking off where the template has the switch; the date fixed, whichever way it is read
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}{% if add_generation_prompt %}"
+        "<|im_start|>{% if enable_thinking is defined and enable_thinking is false %}nothink {% endif %}"
+        "{{ strftime_now('%Y-%m-%d') }} {{ date_string }}{% endif %}")
+    assert render_chat(tok, "hello") == "<|im_start|>hello<|im_end|><|im_start|>nothink 2024-07-26 26 Jul 2024"
+    assert answer_format(tok).terminator_ids == (tok.convert_tokens_to_ids("<|im_end|>"),)
 
 
 def test_smollm2_rendering_and_prompt_ids(smollm2_tokenizer):
@@ -166,7 +170,8 @@ def test_fast_check_equals_full_check(fixture, request):
         assert fast == full
         for m in full:  # the whole-prompt token lists, independently
             assert m.got == tuple(tok(prompt + m.value, add_special_tokens=False)["input_ids"])
-            assert m.expected == tuple(ids(prompt) + ids(m.value))
+            assert m.expected == tuple(ids(prompt))
+            assert m.got[:len(m.expected)] != m.expected
         mismatching += len(full)
     assert check_in_context_tokenization(tok, rendered, values) == []
     assert mismatching >= 1
@@ -180,8 +185,8 @@ def test_mismatch_report_is_readable(smollm2_tokenizer):
     with pytest.raises(ValueError) as info:
         assert_in_context_tokenization(tok, rendered, ["lo", "1", "p"])
     msg = str(info.value)
-    assert "for 2 of 3 support strings" in msg
-    assert "'lo': from token" in msg and "expected ['hel', 'lo']" in msg and "got ['hello']" in msg
+    assert "2 of 3 support strings do not split cleanly" in msg
+    assert "'lo': from token" in msg and "the prompt ends with ['hel']" in msg and "has ['hello']" in msg
     assert_in_context_tokenization(tok, rendered[:-3], ["1", "2.5"])  # consistent: no error
 
 
