@@ -246,13 +246,13 @@ def test_grid_only_parameterizations():
 def test_grid_sizes_match_spec():
     sizes = {fid: {k: len(g) for k, g in grids.items()} for fid, grids in GRIDS.items()}
     assert set(sizes) == set(FAMILIES)
-    assert sizes["triangular"] == {"train": 125, "test_unseen_params": 27, "selected": 1}
-    assert sizes["exponential"] == {"train": 25, "test_unseen_params": 12, "selected": 1}
+    assert sizes["triangular"] == {"train": 125, "test_unseen_params": 27, "selected": 1, "within_range": 64}
+    assert sizes["exponential"] == {"train": 25, "test_unseen_params": 12, "selected": 1, "within_range": 24}
     assert sizes["pareto"]["train"] == 99 and sizes["hypergeometric"]["train"] == 45
-    assert sizes["chi_square"] == {"train": 13, "test_unseen_params": 6, "selected": 1}
+    assert sizes["chi_square"] == {"train": 13, "test_unseen_params": 6, "selected": 1, "within_range": 12}
     assert sizes["poisson"] == {"ood": 17, "ood_selected": 3} and sizes["weibull"]["ood"] == 36
     for fid in TRAIN_FAMILY_IDS:
-        assert set(sizes[fid]) == {"train", "test_unseen_params", "selected"}
+        assert set(sizes[fid]) == {"train", "test_unseen_params", "selected", "within_range"}
     for fid in HELD_OUT_FAMILY_IDS:
         assert set(sizes[fid]) == {"ood", "ood_selected"}
 
