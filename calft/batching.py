@@ -230,11 +230,12 @@ def trie_row_weights(prep) -> np.ndarray:
     EOS) get 0: they are on no path. A parent's weight is >= each child's.
     """
     p = np.asarray(prep.support.probs, dtype=np.float64)
-    # trained positions of each path: answer tokens + the terminator's (L_s + 1 with a 1-token one)
-    positions = np.asarray(prep.answer_ids.lengths() if hasattr(prep.answer_ids, "lengths")
-                           else [len(a) for a in prep.answer_ids], dtype=np.float64) + max(1, len(prep.terminator_ids))
     trie = prep.trie
-    w = subtree_sums(trie, np.asarray(trie.sequence_leaf, dtype=np.int64), p / p.sum() / positions)
+    leaf = np.asarray(trie.sequence_leaf, dtype=np.int64)
+    # trained positions of each path = depth of its leaf: answer tokens + terminator (L_s + 1 with a
+    # 1-token terminator); dropped zero-probability strings (leaf -1) carry no weight anyway
+    positions = np.where(leaf >= 0, np.asarray(trie.depth, dtype=np.float64)[np.maximum(leaf, 0)], 1.0)
+    w = subtree_sums(trie, leaf, p / p.sum() / positions)
     w[np.diff(np.asarray(trie.row_ptr)) == 0] = 0.0
     return w
 

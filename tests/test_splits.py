@@ -63,7 +63,7 @@ def _counts(specs):
 def test_split_sizes():
     sizes = {name: len(get_split(name)) for name in SPLITS}
     # SPEC says "about 1988" for train: that counts triangular's 125 points uncapped
-    assert sizes == {"train": 1984, "test_unseen_params": 591, "test_selected": 24,
+    assert sizes == {"train": 1984, "test_unseen_params": 591, "test_within_range": 680, "test_selected": 24,
                      "test_ood_family": 92, "ood_selected": 18}
     assert _counts(get_split("train")) == TRAIN_SIZES
     assert _counts(get_split("test_ood_family")) == {
