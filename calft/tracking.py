@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 
+VARIES = 1e-12  # mean squared spread (in target-sd units) below which targets count as constant
 PROMPT_KEYS = ("target_mean", "target_sd", "model_mean", "model_sd", "mean_error_sd", "ks_exact")
 SAMPLE_KEYS = ("sample_mean", "sample_sd", "sample_mean_error_sd", "sample_ks", "num_valid_samples")
 SUMMARY_KEYS = ("location_r2", "location_slope", "scale_r2", "sd_within_2x", "median_ks",
@@ -95,7 +96,8 @@ def _r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, scale: np.ndar
         centred[sel] = target[sel] - target[sel].mean()
     ss_tot = float(np.sum((centred / scale) ** 2))
     ss_res = float(np.sum(((pred - target) / scale) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    # targets that do not vary (Student's t: every mean is 0) leave only float noise in SS_tot
+    return 1.0 - ss_res / ss_tot if ss_tot > VARIES * target.size else float("nan")
 
 
 def _slope(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, w: np.ndarray) -> float:
@@ -106,7 +108,7 @@ def _slope(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, w: np.ndarr
         tc, mc = t - np.dot(ww, t) / ww.sum(), m - np.dot(ww, m) / ww.sum()
         num += float(np.sum(ww * tc * mc))
         den += float(np.sum(ww * tc * tc))
-    return num / den if den > 0 else float("nan")
+    return num / den if den > VARIES * np.sum(w) else float("nan")
 
 
 def _group_summary(rows: list[dict]) -> dict:

@@ -89,6 +89,13 @@ def test_summarize_tracking_perfect_ignoring_and_offset_models():
         ss_tot += sum(((r["target_mean"] - c) / r["target_sd"]) ** 2 for r in fr)
     assert off["location_r2"] == pytest.approx(1 - len(rows) * 0.25 / ss_tot)
     assert off["per_family"]["b"]["num_prompts"] == 4
+    # a family whose target means do not vary (Student's t: all 0, up to float noise) has no R^2 or
+    # slope of its own, but its errors still count in the pooled R^2
+    flat = [{"family_id": "t", "target_mean": 1e-17 * k, "target_sd": 1.0, "model_mean": 0.5, "model_sd": 1.0,
+             "ks_exact": 0.1, "mean_error_sd": 0.5} for k in range(3)]
+    mixed = summarize_tracking(rows + flat)
+    assert math.isnan(mixed["per_family"]["t"]["location_r2"]) and math.isnan(mixed["per_family"]["t"]["location_slope"])
+    assert mixed["location_r2"] == pytest.approx(1 - (len(rows) * 0.25 + 3 * 0.25) / ss_tot)
     with pytest.raises(ValueError, match="no rows"):
         summarize_tracking([{"family_id": "a"}])
 
