@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from .sparse_kl import BLOCK_K, sparse_kl_entry_terms, sparse_kl_target_grad_kernel
-from .utils import KERNEL_DTYPES, check_triton_device, combine_lse, dot_precision, is_interpreter
-from .utils import num_programs_target, split_vocab
+from .utils import KERNEL_DTYPES, check_triton_device, dot_precision, is_interpreter, load_target_block
+from .utils import num_programs_target, row_lse_from_partials, split_vocab, store_row_kl
 
 # Matmul tile on a GPU: [128 x 64] x [64 x 128] bf16 operands, 3 pipeline stages = 96 KiB of
 # shared memory (H100/H200 have 228 KiB per SM); a 128x128 fp32 accumulator is 64 registers
@@ -121,26 +121,17 @@ def linear_sparse_kl_forward_kernel(
     V, H, inv_tau, num_splits,
     HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Step 2: lse_r from the partials; z_k = h_r . W[t_k] + b[t_k]; KL (1)."""
+    """Step 2: lse_r from the partials; z_k = h_r . W[t_k] + b[t_k]; KL (1), BLOCK_K entries a step."""
     row = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    pm = tl.load(part_max_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    ps = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=0.0)
-    m_row, s_row = combine_lse(pm, ps, 0)
-    m_ref = tl.where(m_row != float("-inf"), m_row, 0.0)
+    m_ref, s_row = row_lse_from_partials(part_max_ptr, part_sum_ptr, row, num_splits, BLOCK_S)
     h_row = h_ptr + row.to(tl.int64) * h_row_stride
     start = tl.load(row_ptr_ptr + row)
     end = tl.load(row_ptr_ptr + row + 1)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_K], tl.float32)
     mass = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < end
-        ids = tl.load(ids_ptr + k, mask=k_ok, other=0)
-        q = tl.load(probs_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        ok = k_ok & (ids >= 0) & (ids < V)  # masked gather even for unvalidated ids
+        k, k_ok, ids, q, ok = load_target_block(ids_ptr, probs_ptr, k0, end, V, BLOCK_K)
         w_rows = w_ptr + ids[:, None].to(tl.int64) * w_row_stride
         z = tl.zeros([BLOCK_K], tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -154,12 +145,7 @@ def linear_sparse_kl_forward_kernel(
         tl.store(zt_ptr + k, z, mask=k_ok)
         acc += sparse_kl_entry_terms(q, z, inv_tau, m_ref)
         mass += q
-    m_sum = tl.sum(mass, axis=0)
-    kl = tl.sum(acc, axis=0) + tl.where(m_sum != 0, m_sum * tl.log(s_row), 0.0)
-    tl.store(loss_ptr + row, kl)
-    tl.store(lse_ptr + 2 * row, m_ref)  # lse as (M, log S), see sparse_kl
-    tl.store(lse_ptr + 2 * row + 1, tl.log(s_row))
-    tl.store(mass_ptr + row, m_sum)
+    store_row_kl(loss_ptr, lse_ptr, mass_ptr, row, acc, mass, m_ref, s_row)
 
 
 @triton.jit
