@@ -85,3 +85,43 @@ def test_selected_and_sampled_split_prompts_equal_the_artifacts():
                 artifact_grid(s.family_id, s.params_dict, d, 1001), (str(s), d)
             checked += 1
     assert checked > 100
+
+
+def test_paper_recipe_loop_keeps_last_batch_hf_warmup_no_clipping(tiny_model_dir, tmp_path, monkeypatch):
+    """--recipe paper-soft on the tiny model: 8 prompts, batch 3 -> ceil(8/3) = 3 steps per epoch
+    (the last of 2 sequences, one of its 3 micro-batches empty), and transformers' own
+    get_cosine_schedule_with_warmup gives the learning rates."""
+    import json
+    import os
+    import runpy
+    import sys
+
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = tmp_path / "run"
+    args = ["--recipe", "paper-soft", "--model", str(tiny_model_dir), "--output-dir", str(out),
+            "--families", "gaussian,binomial", "--max-prompts-per-family", "4", "--num-decimals", "1",
+            "--max-bins", "40", "--batch-size", "3", "--micro-batch-size", "1", "--epochs", "2",
+            "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--warmup-frac", "0.34",
+            "--no-progress", "--no-eval"]
+    monkeypatch.setattr(sys, "argv", ["calft.train", *args])
+    if "CALFT_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        runpy.run_module("calft.train", run_name="__main__")
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6  # 2 epochs x 3 steps; dropping the last partial batch gave 2 x 2
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, int(6 * 0.34), 6)
+    want = []
+    for _ in range(6):
+        want.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert [m["lr"] for m in metrics] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert want[0] == 0.0 and all(np.isfinite(m["loss"]) for m in metrics)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["keep_last_batch"], config["warmup_rule"], config["grad_clip"]) == (True, "hf", 0.0)
