@@ -7,7 +7,8 @@ Integer families (values lo..hi, probability = pmf):
     stay inside [lo, hi]). The mode is found by ternary search on the pmf inside the quantile band
     [floor(ppf(q_low)), ceil(ppf(q_high))]: scipy's logpmf (lgamma differences) loses whole units
     at counts near 1e15, which put the window of binomial(n=1e15, p=.3) a full sd below its mode.
-    Values beyond 2^53 (not exact in float64; binomial n=1e18, geometric p=1e-300) are refused. Mass outside the kept window goes to its edge values, on BOTH sides:
+    Values beyond 2^53 (not exact in float64; binomial n=1e18, geometric p=1e-300) are refused.
+    Mass outside the kept window goes to its edge values, on BOTH sides:
         p(w_lo) += P(X < w_lo),  p(w_hi) += P(X > w_hi)        (SPEC.md fix: Skellam's lower tail)
 
 Continuous families (d = num_decimals, h = 10^-d):
@@ -30,6 +31,7 @@ Continuous families (d = num_decimals, h = 10^-d):
     dtype=int), the artifact's rule: idx_i = trunc(fl(i * fl((n-1)/(max_bins-1)))), which is
     floor(i (n-1)/(max_bins-1)) except where float rounding lands just below an exact integer
     (n = 1016: i = 200 gives 202, not 203); we reproduce the artifact, float rounding included.
+    (max_bins = 1, not a paper setting, keeps the multiple nearest the median, not index 0.)
     The centers come from the index formula in O(max_bins) time and memory (SPEC.md fix: the
     artifact materialized all n centers, ~1 GB for one Cauchy prompt at 5 decimals).
     edges e = [lower, (c_0+c_1)/2, ..., (c_{m-2}+c_{m-1})/2, upper],  p_j = F(e_{j+1}) - F(e_j).
