@@ -76,6 +76,18 @@ def cpu_cases(quick: bool) -> list[Case]:
     ]
 
 
+def issue10_cases() -> list[Case]:
+    """The GPU-readiness shapes (issue 10): N = 8192; (H, V) of Qwen3-1.7B, Llama-3-8B and
+    Qwen3-0.6B-like heads; K = 11 (digit tries) and K = 1000 (3-digit tokens); the hard-target
+    fused baselines (Liger FLCE, Apple CCE) at K = 1 where importable."""
+    cases = []
+    for H, V in ((2048, 151936), (4096, 128256), (896, 151936)):
+        for K in (11, 1000):
+            cases.append(Case("linear", 8192, V, K, H=H, methods=("calft", "dense", "compiled")))
+        cases.append(Case("linear", 8192, V, 1, H=H, methods=("calft", "dense", "liger", "cce")))
+    return cases
+
+
 def cuda_cases(quick: bool) -> list[Case]:
     if quick:
         return [Case("loss", 8192, 151936, 11), Case("linear", 8192, 151936, 11, H=2048)]
@@ -144,6 +156,7 @@ def loss_fn(method: str, case: Case, compiled_cache: dict):
             "loop": lambda x: per_position_loop_kl(x["hidden"] @ x["weight"].t(), x["targets"]),
             "dense": lambda x: dense_linear_kl(x["hidden"], x["weight"], x["targets"]),
             "liger": _liger_fn(),
+            "cce": _cce_fn(),
         }
         dense = dense_linear_kl
     if method == "compiled":
@@ -167,6 +180,15 @@ def _liger_fn():
     return lambda x: ce(x["weight"], x["hidden"], x["labels"])
 
 
+def _cce_fn():
+    """Apple's Cut Cross-Entropy (hard targets), when the cut_cross_entropy wheel is installed."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+    return lambda x: linear_cross_entropy(x["hidden"], x["weight"], x["labels"])
+
+
 def method_available(method: str, case: Case, device: str, skip_compile: bool) -> str | None:
     """None if the method runs here, else why not."""
     if method == "compiled" and skip_compile:
@@ -178,6 +200,13 @@ def method_available(method: str, case: Case, device: str, skip_compile: bool) -
             return "Liger is hard-target only (K=1)"
         if _liger_fn() is None:
             return "liger_kernel not installed"
+    if method == "cce":
+        if device != "cuda":
+            return "Cut Cross-Entropy needs CUDA"
+        if case.K != 1:
+            return "CCE is hard-target only (K=1)"
+        if _cce_fn() is None:
+            return "cut_cross_entropy not installed"
     return None
 
 
@@ -340,6 +369,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (median; default 3 cpu / 10 cuda)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--shapes", choices=("default", "issue10"), default="default",
+                        help="issue10 = N=8192 x (H,V) in (2048,151936), (4096,128256), (896,151936), K=11/1000, "
+                             "plus Liger/CCE at K=1 (meant for --device cuda)")
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/kernels_<device>[_quick].json)")
@@ -357,7 +389,7 @@ def main(argv=None):
         parser.error("--warmup must be >= 1 (the first call includes compilation)")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.repeats = args.repeats or (2 if args.quick else 3 if args.device == "cpu" else 10)
-    cases = (cuda_cases if args.device == "cuda" else cpu_cases)(args.quick)
+    cases = issue10_cases() if args.shapes == "issue10" else (cuda_cases if args.device == "cuda" else cpu_cases)(args.quick)
     cases = [c for c in cases if args.only in c.name]
     if args.list:
         for c in cases:

@@ -36,6 +36,22 @@ if __package__ in (None, ""):
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+# A Qwen3-0.6B-shaped model with random weights, built from its config (no download): the
+# shapes of Qwen/Qwen3-0.6B's config.json (28 layers, H = 1024, 16/8 heads of 128, V = 151936,
+# tied embeddings). The embedded SmolLM2 tokenizer (49152 ids, a subset of V) makes the batch.
+QWEN3_RANDOM = "qwen3-0.6b-random"
+
+
+def qwen3_0p6b_random(dtype, device):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).to(device)
+
+
 def make_setup(model_name: str, device: str, batch_prompts: int = 8):
     """The shared factory: model with LoRA, optimizer, and one soft-target batch of 8 prompts."""
     from calft.batching import build_batch, epoch_plan
@@ -43,14 +59,16 @@ def make_setup(model_name: str, device: str, batch_prompts: int = 8):
     from calft.models import add_lora, load_model, load_tokenizer
     from calft.splits import get_split
 
-    tok = load_tokenizer(model_name)
+    random_qwen3 = model_name == QWEN3_RANDOM
+    tok = load_tokenizer("smollm2-135m-instruct" if random_qwen3 else model_name)
     specs = get_split("train", max_specs=1)[:batch_prompts]  # one prompt each of 8 families
     prompts = prepare_prompts(tok, specs, DataSettings(num_decimals=5, max_bins=1001), progress=False)
     batch = build_batch(prompts, epoch_plan(prompts, seed=0, epoch=0), mode="soft", pad_id=tok.pad_token_id,
                         eos_id=tok.eos_token_id, global_batch=len(prompts)).to(device)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = add_lora(load_model(model_name, dtype=dtype, device=device), dropout=0.0)
+    base = qwen3_0p6b_random(dtype, device) if random_qwen3 else load_model(model_name, dtype=dtype, device=device)
+    model = add_lora(base, dropout=0.0)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
     return model, opt, batch
@@ -123,7 +141,9 @@ def rss_bytes(field: str) -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model id/dir (default: embedded SmolLM2)")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help=f"model id/dir (default: embedded SmolLM2); {QWEN3_RANDOM} = Qwen3-0.6B shapes, random weights")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where train_step_<device>.json goes")
     ap.add_argument("--repeats", type=int, default=5, help="measured steps per variant (after 1 warm-up)")
     ap.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu (+ cuda if present)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker; 0 = torch's default")
@@ -158,9 +178,9 @@ def main():
     first = results[0]
     print(f"batch: {first['batch_sequences']} sequences x {first['seq_len']} tokens, "
           f"{first['trained_positions']} trained positions, {first['target_entries']} target entries, V={first['vocab']}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for device in devices:
-        path = RESULTS / f"train_step_{device}.json"
+        path = args.out_dir / f"train_step_{device}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"benchmark": "train_step", "threads": args.threads or torch.get_num_threads(),
                                    "results": [r for r in results if r["device"] == device]}, indent=2))

@@ -101,9 +101,14 @@ def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: 
     return np.stack([prompt_of_item[order], strings[order]], axis=1)
 
 
-def steps_per_epoch(num_items: int, global_batch: int) -> int:
-    """Full global batches in one epoch (the last partial batch is dropped; the order reshuffles
-    every epoch, so each item is still seen on average)."""
+def steps_per_epoch(num_items: int, global_batch: int, *, keep_last: bool = False) -> int:
+    """Global steps in one epoch: full batches only (the last partial batch is dropped; the order
+    reshuffles every epoch, so each item is still seen on average), or with keep_last the
+    artifact's ceil(num_items / global_batch), whose last step is shorter."""
+    if keep_last:
+        if num_items < 1:
+            raise ValueError("no items to train on")
+        return -(-num_items // global_batch)
     if num_items < global_batch:
         raise ValueError(f"the global batch ({global_batch} sequences) is larger than one epoch "
                          f"({num_items} items): lower the batch size or add prompts")
@@ -112,13 +117,19 @@ def steps_per_epoch(num_items: int, global_batch: int) -> int:
 
 def step_items(plan: np.ndarray, step_in_epoch: int, *, global_batch: int, world_size: int = 1,
                rank: int = 0) -> np.ndarray:
-    """This rank's share of one global step: global items [s*G, (s+1)*G) split into ``world_size``
-    contiguous slices; the rank then cuts its slice into micro-batches in order."""
+    """This rank's share of one global step: global items [s*G, (s+1)*G) (fewer in a kept last
+    partial batch) split into ``world_size`` contiguous, balanced slices (np.array_split: equal
+    slices of G / world_size for a full step); the rank then cuts its slice into micro-batches."""
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
     items = plan[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
-    per_rank = global_batch // world_size
-    return items[rank * per_rank:(rank + 1) * per_rank]
+    return np.array_split(items, world_size)[rank]
+
+
+def micro_batches(items: np.ndarray, grad_accum: int) -> list[np.ndarray]:
+    """``grad_accum`` consecutive micro-batches of a rank's items: equal ones for a full step, as
+    even as possible (some maybe empty) for a kept last partial batch."""
+    return np.array_split(items, grad_accum)
 
 
 def global_num_positions(prompts: Sequence, items: np.ndarray, terminator_len: int = 1) -> int:

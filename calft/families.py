@@ -10,8 +10,9 @@ scipy distribution, the single source of truth for the target (support, cdf, pmf
     inverse_gaussian(mu, lambda) -> invgauss(mu/lambda, scale=lambda)   (mean mu, shape lambda)
     ...                                                                  (see `FAMILIES` below)
 
-Counts (n, r, M, K, N) are rounded to Python ints by `Family.validate`; everything else becomes
-a Python float. Invalid input raises `ValueError` naming the family, the parameter and the valid
+Counts (n, r, M, K, N) must be whole numbers (25 and 25.0 are fine, 2.5 is a `ValueError`) and
+become Python ints in `Family.validate`; everything else becomes a Python float. The hypergeometric
+population M is capped at 10^7 (scipy's pmf costs O(M)). Invalid input raises `ValueError` naming the family, the parameter and the valid
 range (SPEC.md section 2).
 
 The parameter grids of the splits live here too (`GRIDS`), written in each family's *grid*
@@ -88,8 +89,13 @@ def _prob(name: str, *, zero: bool = True) -> Param:
     return Param(name, low=0.0, high=1.0, low_closed=zero, high_closed=True)
 
 
-def _count(name: str, low: int) -> Param:
-    return Param(name, low=float(low), low_closed=True, integer=True)
+def _count(name: str, low: int, high: float = INF) -> Param:
+    return Param(name, low=float(low), high=high, low_closed=True, high_closed=True, integer=True)
+
+
+# scipy's hypergeometric pmf (Boost) costs O(M) per value: 1001 values take 0.08 s at M = 1e7,
+# 9 s at M = 1e9 and never finished at M = 1e12. Populations up to 1e7 keep a support < 0.1 s.
+_HYPERGEOM_MAX_M = 10**7
 
 
 @dataclass(frozen=True)
@@ -135,11 +141,19 @@ class Family:
                 raise ValueError(
                     f"{self.id}: parameter {p.name!r} must be a real number ({p.describe()}), got {raw!r}"
                 )
-            x = float(raw)
+            try:
+                x = float(raw)
+            except OverflowError:  # an int beyond float64, e.g. 10**400
+                x = math.inf if raw > 0 else -math.inf
             if not math.isfinite(x):
-                raise ValueError(f"{self.id}: parameter {p.name!r} must be finite ({p.describe()}), got {x}")
+                raise ValueError(f"{self.id}: parameter {p.name!r} must be finite ({p.describe()}), got {raw!r}")
             if p.integer:
-                x = int(round(x))
+                if not x.is_integer():  # 2.5 trials is a typo, not a count to round silently
+                    raise ValueError(
+                        f"{self.id}: parameter {p.name!r} is a count and must be a whole number "
+                        f"({p.describe()}), got {raw!r}"
+                    )
+                x = int(x)
             if not p.contains(x):
                 raise ValueError(f"{self.id}: parameter {p.name!r}={raw!r} is outside its valid range {p.describe()}")
             out[p.name] = int(x) if p.integer else x
@@ -286,7 +300,7 @@ _TABLE = [
      lambda mu, s: _call(stats.logistic, mu, s), None),
     ("pareto", "Pareto", "III", (_pos("alpha"), _pos("xm")), False, False,
      lambda alpha, xm: _call(stats.pareto, alpha, scale=xm), None),
-    ("hypergeometric", "Hypergeometric", "III", (_count("M", 1), _count("K", 0), _count("N", 0)), True, False,
+    ("hypergeometric", "Hypergeometric", "III", (_count("M", 1, _HYPERGEOM_MAX_M), _count("K", 0), _count("N", 0)), True, False,
      lambda M, K, N: _call(stats.hypergeom, M, K, N), _check_hypergeometric),
     ("gumbel", "Gumbel", "III", (_real("mu"), _pos("beta")), False, False,
      lambda mu, beta: _call(stats.gumbel_r, mu, beta), None),

@@ -1,6 +1,7 @@
 """Prompt splits (SPEC.md section 2): which (family, parameters) pairs each split holds.
 
     train               24 training families, cartesian grid, evenly subsampled to 121 per family
+                        (triangular: 125, its whole 5x5x5 grid, as in the artifact's config): 1988
     test_unseen_params  same families, disjoint parameter ranges, at most 36 per family
     test_within_range   same families, unseen parameters inside the training ranges (midpoints
                         between consecutive training grid values), at most 36 per family
@@ -8,8 +9,10 @@
     test_ood_family     the 6 held-out families on their ood grids
     ood_selected        3 headline rows per held-out family (18)
 
-Even subsampling keeps the grid points at indices round(linspace(0, n-1, max_specs)) of the
-cartesian order (first axis slowest), so the first and last grid points always stay.
+Even subsampling keeps the grid points at indices np.linspace(0, n-1, max_specs, dtype=int) of the
+cartesian order (first axis slowest), the artifact's rule (truncation, float rounding included), so
+the first and last grid points always stay. With the paper's caps no training or test grid is
+larger than its cap, so nothing is dropped by default; the rule matters for a smaller `max_specs`.
 Everything is deterministic: no random numbers are involved.
 """
 
@@ -18,12 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from calft.families import FAMILIES, GRIDS, get_family, grid_point_to_params
 
 SPLITS = ("train", "test_unseen_params", "test_within_range", "test_selected", "test_ood_family",
           "ood_selected")
 
 # split -> (key in calft.families.GRIDS, default max_specs per family, held-out families?)
+# per-family exceptions to the default cap: the artifact's conf/data/calibrate_sft.yaml gives
+# triangular max_specs 125 in train (its whole grid), so the train split has 1988 prompts, not 1984
+_FAMILY_CAPS = {"train": {"triangular": 125}}
 _SPLIT_SOURCES = {
     "train": ("train", 121, False),
     "test_unseen_params": ("test_unseen_params", 36, False),
@@ -57,17 +65,17 @@ class PromptSpec:
 
 
 def even_indices(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n) (all of them when k >= n): round(i*(n-1)/(k-1)).
+    """k indices spread evenly over range(n) (all of them when k >= n): np.linspace(0, n-1, k, dtype=int).
 
-    Integer arithmetic (round half up), so the result never depends on float rounding.
+    The artifact's `_evenly_subsample`: truncation of the float grid i * ((n-1)/(k-1)), which is
+    floor(i (n-1)/(k-1)) except where float rounding falls just below an integer. k = 1 keeps
+    index 0 (linspace's first point).
     """
     if k >= n:
         return list(range(n))
     if k <= 0:
         return []
-    if k == 1:
-        return [(n - 1) // 2]
-    return [(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+    return np.linspace(0, n - 1, k).astype(np.int64).tolist()
 
 
 def spread_indices(shape: tuple[int, ...], k: int) -> list[int]:
@@ -105,8 +113,8 @@ def get_split(
 
     families: restrict to these family ids (must belong to the split: training families for
         train/test_unseen_params/test_selected, held-out ones for test_ood_family/ood_selected).
-    max_specs: cap per family (default: 121 for train, 36 for test_unseen_params, none otherwise);
-        larger grids are subsampled evenly by index.
+    max_specs: cap per family (default: 121 for train, triangular 125, 36 for test_unseen_params,
+        none otherwise); larger grids are subsampled evenly by index.
     """
     if name not in _SPLIT_SOURCES:
         raise ValueError(f"unknown split {name!r}; known splits: {', '.join(SPLITS)}")
@@ -130,12 +138,13 @@ def get_split(
     for fid in chosen:
         grid = GRIDS[fid][grid_key]
         points = grid.points()
-        if cap is None or cap >= len(points):
+        family_cap = _FAMILY_CAPS.get(name, {}).get(fid, cap) if max_specs is None else cap
+        if family_cap is None or family_cap >= len(points):
             keep = range(len(points))
         elif grid_key == "within_range":
-            keep = spread_indices(tuple(len(a) for a in grid.axes), cap)
+            keep = spread_indices(tuple(len(a) for a in grid.axes), family_cap)
         else:
-            keep = even_indices(len(points), cap)
+            keep = even_indices(len(points), family_cap)
         for i in keep:
             specs.append(PromptSpec(fid, tuple(grid_point_to_params(fid, points[i]).items())))
     return specs

@@ -4,14 +4,35 @@ Integer families (values lo..hi, probability = pmf):
     lo = support_min            if finite else floor(ppf(q_low))
     hi = support_max            if finite else ceil(ppf(q_high))
     If hi - lo + 1 > max_bins, keep the window of max_bins values centred on the mode (shifted to
-    stay inside [lo, hi]). Mass outside the kept window goes to its edge values, on BOTH sides:
+    stay inside [lo, hi]). The mode is found by ternary search on the pmf inside the quantile band
+    [floor(ppf(q_low)), ceil(ppf(q_high))]: scipy's logpmf (lgamma differences) loses whole units
+    at counts near 1e15, which put the window of binomial(n=1e15, p=.3) a full sd below its mode.
+    Values beyond 2^53 (not exact in float64; binomial n=1e18, geometric p=1e-300) are refused.
+    Mass outside the kept window goes to its edge values, on BOTH sides:
         p(w_lo) += P(X < w_lo),  p(w_hi) += P(X > w_hi)        (SPEC.md fix: Skellam's lower tail)
 
 Continuous families (d = num_decimals, h = 10^-d):
     lower = ppf(q_low), upper = ppf(q_high), clipped to the support.
-    centers c_j = k_j h for the integers k in [ceil(lower/h), floor(upper/h)]; when there are
-    n > max_bins of them keep k_i = k_lo + round(i (n-1) / (max_bins-1)), i = 0..max_bins-1.
-    The centers come from this index formula, in O(max_bins) time and memory (SPEC.md fix: the
+    centers c_j = k_j h for the integers k in [ceil(lower / h), floor(upper / h)], both divisions
+    in float64 with h = 10.0**-d: the artifact's rule, kept so that the paper recipes reproduce
+    the paper's targets exactly. Rule for a grid point on a quantile: it is kept exactly when the
+    float quotient x / h rounds onto (or inside) it. Where this differs from an exact decimal
+    comparison (k h as a decimal against lower/upper as the binary floats they are): uniform and
+    triangular quantiles such as 3.5 + 0.001 * 7 = 3.507 are exact decimals whose float lies one
+    ulp outside; x / h then rounds to the integer and the artifact keeps the center one ulp
+    outside [lower, upper] (its bin simply has a tiny width), where exact comparison would drop
+    it. Measured over every continuous prompt of the five splits (2239): 45 prompts differ at 2
+    decimals, 121 at 3, 95 at 5, 0 at 1; always the first or last center, which then shifts
+    every subsampled index. Ties the other way also agree: triangular(a=-2, c=-1.6, b=2) has
+    ppf(.999) = 1.88 analytically, the float is 1.8799999999999999, 1.8799999999999999 / 0.01 =
+    187.99999999999997, so the grid ends at '1.87' (calft's earlier float test k/100 <= upper kept
+    '1.88').
+    When there are n > max_bins centers keep k_lo + idx_i with idx = np.linspace(0, n-1, max_bins,
+    dtype=int), the artifact's rule: idx_i = trunc(fl(i * fl((n-1)/(max_bins-1)))), which is
+    floor(i (n-1)/(max_bins-1)) except where float rounding lands just below an exact integer
+    (n = 1016: i = 200 gives 202, not 203); we reproduce the artifact, float rounding included.
+    (max_bins = 1, not a paper setting, keeps the multiple nearest the median, not index 0.)
+    The centers come from the index formula in O(max_bins) time and memory (SPEC.md fix: the
     artifact materialized all n centers, ~1 GB for one Cauchy prompt at 5 decimals).
     edges e = [lower, (c_0+c_1)/2, ..., (c_{m-2}+c_{m-1})/2, upper],  p_j = F(e_{j+1}) - F(e_j).
     Bins below the median use cdf differences, bins above it sf differences (no cancellation
@@ -140,16 +161,22 @@ def _integer_bins(dist, max_bins: int, q_low: float, q_high: float):
     s_lo, s_hi = (float(x) for x in dist.support())
     lo = math.floor(s_lo) if math.isfinite(s_lo) else None
     hi = math.ceil(s_hi) if math.isfinite(s_hi) else None
-    if lo is None or hi is None:
-        q = dist.ppf([q_low, q_high])
+    _check_exact_integers(dist, [x for x in (s_lo, s_hi) if math.isfinite(x)] or [0.0])  # before ppf:
+    # Boost's binomial quantile at n = 1e18 does not return
+    q = None
+    if lo is None or hi is None or hi - lo + 1 > max_bins:
+        q = np.asarray(dist.ppf([q_low, q_high]), dtype=np.float64)
         if not np.all(np.isfinite(q)):
             raise ValueError(f"{dist.dist.name}: ppf gave non-finite quantiles {q}; cannot bound the support")
+        _check_exact_integers(dist, q)
         lo = math.floor(q[0]) if lo is None else lo
         hi = math.ceil(q[1]) if hi is None else hi
     hi = max(hi, lo)
     w_lo, w_hi = lo, hi
     if hi - lo + 1 > max_bins:  # central window around the mode (SPEC.md fix)
-        mode = _integer_mode(dist, lo, hi)
+        band_lo = min(max(math.floor(q[0]), lo), hi)
+        band_hi = max(min(math.ceil(q[1]), hi), band_lo)
+        mode = _integer_mode(dist, band_lo, band_hi)
         w_lo = min(max(mode - (max_bins - 1) // 2, lo), hi - max_bins + 1)
         w_hi = w_lo + max_bins - 1
     ks = np.arange(w_lo, w_hi + 1, dtype=np.int64)
@@ -159,12 +186,30 @@ def _integer_bins(dist, max_bins: int, q_low: float, q_high: float):
     return ks, mass, float(w_lo), float(w_hi), (below, above)
 
 
+def _check_exact_integers(dist, q) -> None:
+    """Refuse quantiles beyond 2^53, where float64 (scipy's pmf/cdf input) skips integers."""
+    if np.max(np.abs(q)) > 2.0**53:
+        raise ValueError(
+            f"{dist.dist.name}: the support (or its central 99.8%) reaches {np.max(np.abs(q)):.3g}, "
+            "beyond 2**53 = 9.0e15 where float64 cannot represent every integer; "
+            "choose parameters whose values stay below 2**53"
+        )
+
+
 def _integer_mode(dist, lo: int, hi: int) -> int:
-    """Mode of a unimodal integer distribution on [lo, hi]: ternary search on logpmf, O(log range)."""
+    """Mode of a unimodal integer distribution on [lo, hi]: ternary search on the pmf, O(log range).
+
+    pmf, not logpmf: scipy's binomial/negative-binomial pmf comes from Boost (accurate at any
+    count), while logpmf subtracts lgamma values of ~1e16, so at counts near 1e15 it is noise of
+    several units and the search wandered a full standard deviation off the mode. Where both
+    probes underflow to 0, logpmf breaks the tie.
+    """
     a, b = lo, hi
     while b - a > 2:
         m1, m2 = a + (b - a) // 3, b - (b - a) // 3
-        f1, f2 = dist.logpmf([m1, m2])
+        f1, f2 = dist.pmf([m1, m2])
+        if f1 == 0.0 and f2 == 0.0:
+            f1, f2 = dist.logpmf([m1, m2])
         if f1 < f2:
             a = m1 + 1
         elif f1 > f2:
@@ -172,15 +217,18 @@ def _integer_mode(dist, lo: int, hi: int) -> int:
         else:  # a plateau: for a unimodal pmf the mode lies between (or on) the two probes
             a, b = m1, m2
     cand = np.arange(a, b + 1)
-    return int(cand[int(np.argmax(dist.logpmf(cand)))])
+    return int(cand[int(np.argmax(dist.pmf(cand)))])
 
 
 def _even_ks(k_lo: int, n: int, m: int) -> np.ndarray:
-    """k_lo + round(i (n-1)/(m-1)), i = 0..m-1 (round half up), exact integer arithmetic."""
-    if 2 * (n - 1) * (m - 1) + m < 2**62:
-        i = np.arange(m, dtype=np.int64)
-        return k_lo + (2 * i * (n - 1) + (m - 1)) // (2 * (m - 1))
-    return np.array([k_lo + (2 * i * (n - 1) + (m - 1)) // (2 * (m - 1)) for i in range(m)], dtype=np.int64)
+    """k_lo + np.linspace(0, n-1, m, dtype=int): the artifact's subsampling, float rounding included."""
+    return k_lo + np.linspace(0, n - 1, m).astype(np.int64)
+
+
+def _grid_range(lower: float, upper: float, d: int) -> tuple[int, int]:
+    """(k_lo, k_hi) = (ceil(lower / h), floor(upper / h)), h = 10.0**-d in float64 (the artifact's rule)."""
+    h = 10.0 ** (-d)
+    return math.ceil(lower / h), math.floor(upper / h)
 
 
 def _continuous_bins(family_id: str, dist, d: int, max_bins: int, q_low: float, q_high: float):
@@ -196,16 +244,7 @@ def _continuous_bins(family_id: str, dist, d: int, max_bins: int, q_low: float, 
             f"{family_id}: num_decimals={d} is too fine for the range [{lower:g}, {upper:g}] "
             "(the grid index would not fit exactly in float64)"
         )
-    # integer grid indices of the centers in [lower, upper]; fix float rounding of x * 10^d
-    k_lo, k_hi = math.ceil(lower * scale), math.floor(upper * scale)
-    if (k_lo - 1) / scale >= lower:
-        k_lo -= 1
-    if k_lo / scale < lower:
-        k_lo += 1
-    if (k_hi + 1) / scale <= upper:
-        k_hi += 1
-    if k_hi / scale > upper:
-        k_hi -= 1
+    k_lo, k_hi = _grid_range(lower, upper, d)  # the artifact's float rule (module docstring)
     n = k_hi - k_lo + 1
     if n <= 0:  # no grid point in [lower, upper]: one value, the multiple nearest the median
         k = int(round(median * scale))

@@ -102,6 +102,11 @@ class TrainConfig:
     lr: float = knob(2e-4, "peak learning rate (AdamW)")
     min_lr_ratio: float = knob(0.0, "final lr as a fraction of --lr (cosine floor)")
     warmup_frac: float = knob(0.03, "fraction of the steps with linear warmup")
+    warmup_rule: str = knob("ceil", "hf = transformers' get_cosine_schedule_with_warmup, as the artifact: "
+                            "W = int(frac x steps), lr x s/W (step 0 at lr 0); ceil = W = ceil(frac x steps), "
+                            "lr x (s+1)/W", ("hf", "ceil"))
+    keep_last_batch: bool = knob(False, "train on each epoch's last partial batch (as the artifact: "
+                                 "ceil(items/batch) steps per epoch); off = drop it")
     weight_decay: float = knob(0.01, "AdamW weight decay (LoRA weights)")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = no clipping")
     # LoRA
@@ -142,15 +147,19 @@ class TrainConfig:
 # prompts have more grid strings than bins, so their supports skip strings a calibrated model
 # emits and support_mass cannot reach 1; at 1 decimal and 2001 bins only lognormal and cauchy do
 # (heavy tails). 1 decimal also makes the tries, and so the exact evaluation, ~5x smaller.
+# The paper recipes reproduce the artifact's loop (chandar-lab/calibration-finetuning,
+# calibrate_sft/train_loop.py): the last partial batch is trained (1988 prompts / 32 = 63 steps
+# per epoch, not 62), warmup is transformers' int(3% x steps) with lr x s/W, and no clipping.
+_ARTIFACT_LOOP = dict(keep_last_batch=True, warmup_rule="hf", grad_clip=0.0)
 RECIPES = {
     "quick": dict(mode="soft", num_decimals=1, max_bins=1001, max_prompts_per_family=16, epochs=2,
                   batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0,
                   lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=2001),
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
-                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
+                       lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
     "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2,
-                       lora_targets="q_proj,k_proj,v_proj,o_proj"),
+                       lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
 }
 # argparse groups: the field that opens each group -> its title
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",
@@ -202,7 +211,7 @@ def fail(message: str, status: int = 2):
 # setup: validate everything cheap first, then processes, device, seeds, output dir
 
 from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_plan,  # noqa: E402
-                            global_num_positions, step_items, steps_per_epoch)
+                            global_num_positions, micro_batches, step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.prompts import terminator_ids  # noqa: E402
@@ -366,7 +375,7 @@ eos_id, pad_id = terminator_ids(tokenizer), tokenizer.pad_token_id
 tree_batches = cfg.mode == "trie" or cfg.share_prompt
 items_per_epoch = len(prompts) * (1 if tree_batches else cfg.samples_per_prompt)
 try:
-    spe = steps_per_epoch(items_per_epoch, cfg.batch_size)
+    spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
 except ValueError as err:
     fail(str(err))
 max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
@@ -415,13 +424,16 @@ if master:
 # optimizer and schedule (linear warmup, cosine decay; a pure function of the step)
 
 optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-warmup_steps = math.ceil(cfg.warmup_frac * max_steps)
+# hf: transformers' get_cosine_schedule_with_warmup (the artifact's), W = int(frac x S), and the
+# optimizer step s runs at lr x s/W (step 0 at lr 0); ceil: W = ceil(frac x S), lr x (s+1)/W.
+hf_warmup = cfg.warmup_rule == "hf"
+warmup_steps = int(max_steps * cfg.warmup_frac) if hf_warmup else math.ceil(cfg.warmup_frac * max_steps)
 
 
 def get_lr(step: int) -> float:
-    """lr(s) = lr*(s+1)/W for s < W, then min + (lr-min)*(1 + cos(pi*(s-W)/(S-W)))/2."""
+    """lr(s) = lr*(s+1)/W (hf: lr*s/W) for s < W, then min + (lr-min)*(1 + cos(pi*(s-W)/(S-W)))/2."""
     if step < warmup_steps:
-        return cfg.lr * (step + 1) / warmup_steps
+        return cfg.lr * (step + (0 if hf_warmup else 1)) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -561,16 +573,22 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr
     local = torch.zeros(3, dtype=torch.float64, device=device)  # [loss, tokens, stop flag]
-    for micro in range(grad_accum):
-        micro_items = mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+    for micro, chunk in enumerate(micro_batches(mine, grad_accum)):
+        # a short last step (keep_last_batch) may leave a micro-batch empty: run one item at weight
+        # 0 instead, so every rank still takes part in the DDP/FSDP collectives
+        empty = len(chunk) == 0
+        micro_items = global_items[:1] if empty else chunk
         if tree_batches:
-            batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=cfg.batch_size,
+            batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=len(global_items),
                                      max_nodes=0 if cfg.share_prompt else cfg.trie_max_nodes,
                                      samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
                                      epoch=epoch, pack=cfg.trie_pack).to(device)
         else:
             batch = build_batch(prompts, micro_items, mode=cfg.mode, pad_id=pad_id, eos_id=eos_id,
-                                global_batch=cfg.batch_size, global_positions=global_positions).to(device)
+                                global_batch=len(global_items), global_positions=global_positions).to(device)
+        if empty:
+            batch.weights.zero_()
+            batch.num_tokens = 0
         last = micro == grad_accum - 1  # reduce gradients over ranks only after the last one
         if cfg.fsdp:
             wrapped.set_requires_gradient_sync(last)

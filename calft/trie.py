@@ -290,9 +290,17 @@ def build_trie(sequences, probs, eos_id: int | None = None) -> Trie:
     sequence when given. Bad input raises ValueError naming the offending index.
     """
     p = _as_probs(probs)
+    eos = None if eos_id is None else int(eos_id)
+    if isinstance(sequences, (list, tuple)) and not any(isinstance(s, np.ndarray) for s in sequences):
+        # lists of lists: the C++ binding reads them directly (no flattening in Python)
+        _check_counts(len(sequences), p.shape[0])
+        try:
+            return Trie(**_trie.build_trie_lists(sequences, p, eos), validate=False)
+        except (TypeError, OverflowError):
+            pass  # a non-integer token: the path below raises the canonical error
     tokens, offsets = _flatten(sequences)
     _check_counts(offsets.shape[0] - 1, p.shape[0])
-    out = _trie.build_trie(tokens, offsets, p, None if eos_id is None else int(eos_id))
+    out = _trie.build_trie(tokens, offsets, p, eos)
     return Trie(**out, validate=False)
 
 

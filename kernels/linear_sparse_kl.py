@@ -44,13 +44,18 @@ import triton
 import triton.language as tl
 
 from .sparse_kl import BLOCK_K, sparse_kl_entry_terms, sparse_kl_target_grad_kernel
-from .utils import KERNEL_DTYPES, check_triton_device, combine_lse, dot_precision, is_interpreter
-from .utils import num_programs_target, split_vocab
+from .utils import KERNEL_DTYPES, check_triton_device, dot_precision, is_interpreter, load_target_block
+from .utils import num_programs_target, row_lse_from_partials, split_vocab, store_row_kl
 
 # Matmul tile on a GPU: [128 x 64] x [64 x 128] bf16 operands, 3 pipeline stages = 96 KiB of
 # shared memory (H100/H200 have 228 KiB per SM); a 128x128 fp32 accumulator is 64 registers
 # per thread at 8 warps, which leaves room for the online-logsumexp state without spills.
 GPU_BLOCK_N, GPU_BLOCK_V, GPU_BLOCK_H, GPU_NUM_WARPS, GPU_NUM_STAGES = 128, 128, 64, 8, 3
+# fp32 operands take tl.dot's FMA path (IEEE precision, no tensor cores), which holds both operand
+# tiles in registers: the 16-bit tiles above spilled 0.5-9 KB per thread in fp32 on sm_80 and
+# sm_90 (benchmarks/kernels_compile.py); [64 x 16] x [16 x 64] at 4 warps, 1 stage, spill nothing
+# (128-162 registers; at 8 warps sm_90 still spilled 8 bytes).
+GPU_FP32_BLOCK_N, GPU_FP32_BLOCK_V, GPU_FP32_BLOCK_H, GPU_FP32_NUM_WARPS, GPU_FP32_NUM_STAGES = 64, 64, 16, 4, 1
 # Backward scratch (one vocabulary chunk of G for all rows). 256 MiB keeps chunks >= 16K columns
 # (big, efficient matmuls) at N = 8192 in bf16 while staying far below N x V.
 MAX_SCRATCH_BYTES = 256 * 2**20
@@ -121,26 +126,17 @@ def linear_sparse_kl_forward_kernel(
     V, H, inv_tau, num_splits,
     HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Step 2: lse_r from the partials; z_k = h_r . W[t_k] + b[t_k]; KL (1)."""
+    """Step 2: lse_r from the partials; z_k = h_r . W[t_k] + b[t_k]; KL (1), BLOCK_K entries a step."""
     row = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    pm = tl.load(part_max_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    ps = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=0.0)
-    m_row, s_row = combine_lse(pm, ps, 0)
-    m_ref = tl.where(m_row != float("-inf"), m_row, 0.0)
+    m_ref, s_row = row_lse_from_partials(part_max_ptr, part_sum_ptr, row, num_splits, BLOCK_S)
     h_row = h_ptr + row.to(tl.int64) * h_row_stride
     start = tl.load(row_ptr_ptr + row)
     end = tl.load(row_ptr_ptr + row + 1)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_K], tl.float32)
     mass = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < end
-        ids = tl.load(ids_ptr + k, mask=k_ok, other=0)
-        q = tl.load(probs_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        ok = k_ok & (ids >= 0) & (ids < V)  # masked gather even for unvalidated ids
+        k, k_ok, ids, q, ok = load_target_block(ids_ptr, probs_ptr, k0, end, V, BLOCK_K)
         w_rows = w_ptr + ids[:, None].to(tl.int64) * w_row_stride
         z = tl.zeros([BLOCK_K], tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -154,12 +150,7 @@ def linear_sparse_kl_forward_kernel(
         tl.store(zt_ptr + k, z, mask=k_ok)
         acc += sparse_kl_entry_terms(q, z, inv_tau, m_ref)
         mass += q
-    m_sum = tl.sum(mass, axis=0)
-    kl = tl.sum(acc, axis=0) + tl.where(m_sum != 0, m_sum * tl.log(s_row), 0.0)
-    tl.store(loss_ptr + row, kl)
-    tl.store(lse_ptr + 2 * row, m_ref)  # lse as (M, log S), see sparse_kl
-    tl.store(lse_ptr + 2 * row + 1, tl.log(s_row))
-    tl.store(mass_ptr + row, m_sum)
+    store_row_kl(loss_ptr, lse_ptr, mass_ptr, row, acc, mass, m_ref, s_row)
 
 
 @triton.jit
@@ -187,16 +178,18 @@ def linear_sparse_kl_dlogits_kernel(
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _blocks(N: int, V: int, H: int, block_n=None, block_v=None, block_h=None):
-    """One config from the shape: big tiles on a GPU; in the interpreter tiles just large enough
-    (tl.dot needs every dimension >= 16)."""
+def _blocks(N: int, V: int, H: int, block_n=None, block_v=None, block_h=None, dtype=torch.bfloat16):
+    """One config from the shape and dtype: big tiles on a GPU (smaller for fp32, see
+    GPU_FP32_*); in the interpreter tiles just large enough (tl.dot needs every dimension >= 16)."""
     if is_interpreter():
         bn = max(16, min(64, triton.next_power_of_2(N)))
         bv = max(16, min(256, triton.next_power_of_2(V)))
         bh = max(16, min(64, triton.next_power_of_2(H)))
     else:
-        bn = GPU_BLOCK_N if N >= GPU_BLOCK_N else max(16, triton.next_power_of_2(N))
-        bv, bh = GPU_BLOCK_V, GPU_BLOCK_H
+        fp32 = dtype == torch.float32
+        max_n = GPU_FP32_BLOCK_N if fp32 else GPU_BLOCK_N
+        bn = max_n if N >= max_n else max(16, triton.next_power_of_2(N))
+        bv, bh = (GPU_FP32_BLOCK_V, GPU_FP32_BLOCK_H) if fp32 else (GPU_BLOCK_V, GPU_BLOCK_H)
     return block_n or bn, block_v or bv, block_h or bh
 
 
@@ -206,8 +199,12 @@ def _check_inputs(hidden, weight, bias, row_ptr, token_ids, probs):
         raise ValueError(f"the Triton kernels read {KERNEL_DTYPES} inputs, got {hidden.dtype}")
 
 
-def _launch_opts(interp: bool) -> dict:
-    return {} if interp else dict(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
+def _launch_opts(interp: bool, dtype=torch.bfloat16) -> dict:
+    if interp:
+        return {}
+    if dtype == torch.float32:
+        return dict(num_warps=GPU_FP32_NUM_WARPS, num_stages=GPU_FP32_NUM_STAGES)
+    return dict(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
 
 
 def linear_sparse_kl_forward(hidden, weight, bias, row_ptr, token_ids, probs, tau=1.0, *,
@@ -227,7 +224,7 @@ def linear_sparse_kl_forward(hidden, weight, bias, row_ptr, token_ids, probs, ta
     z_target = torch.zeros(token_ids.numel(), **f32)
     if N == 0:
         return kl, lse, mass, z_target
-    bn, bv, bh = _blocks(N, V, H, block_n, block_v, block_h)
+    bn, bv, bh = _blocks(N, V, H, block_n, block_v, block_h, hidden.dtype)
     row_blocks = triton.cdiv(N, bn)
     # 8 programs per SM: the tail of the last wave stays a small fraction of the launch.
     split_v, splits = split_vocab(V, bv, row_blocks, 2 * num_programs_target(hidden.device),
@@ -243,7 +240,7 @@ def linear_sparse_kl_forward(hidden, weight, bias, row_ptr, token_ids, probs, ta
         N, V, H, inv_tau, split_v, splits,
         HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
         UPCAST=interp and hidden.dtype != torch.float32,
-        DOT_PRECISION=dot_precision(hidden.dtype), **_launch_opts(interp))
+        DOT_PRECISION=dot_precision(hidden.dtype), **_launch_opts(interp, hidden.dtype))
     linear_sparse_kl_forward_kernel[(N,)](
         hidden, hidden.stride(0), weight, weight.stride(0), b, row_ptr, token_ids, probs,
         part_max, part_sum, kl, lse, mass, z_target, V, H, inv_tau, splits,
@@ -271,7 +268,7 @@ def linear_sparse_kl_backward(hidden, weight, bias, row_ptr, token_ids, probs, l
         d_w = d_w.zero_() if need_w else None
         d_b = d_b.to(bias.dtype).zero_() if need_b else None
         return (torch.zeros_like(hidden) if need_h else None), d_w, d_b
-    bn, bv, bh = _blocks(N, V, H, block_n, block_v, block_h)
+    bn, bv, bh = _blocks(N, V, H, block_n, block_v, block_h, hidden.dtype)
     if chunk_v is None:
         per_col = N * hidden.element_size()
         chunk_v = max(bv, max_scratch_bytes // per_col // bv * bv)
@@ -295,7 +292,7 @@ def linear_sparse_kl_backward(hidden, weight, bias, row_ptr, token_ids, probs, l
             g, g.stride(0), N, v_lo, v_hi, H, inv_tau,
             HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
             UPCAST=interp and hidden.dtype != torch.float32,
-            DOT_PRECISION=dot_precision(hidden.dtype), **_launch_opts(interp))
+            DOT_PRECISION=dot_precision(hidden.dtype), **_launch_opts(interp, hidden.dtype))
         sparse_kl_target_grad_kernel[(N,)](
             g, g.stride(0), row_ptr, token_ids, probs, z_target, lse, mass, scale,
             v_lo, v_hi, inv_tau, BLOCK_K=BLOCK_K)

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import KERNEL_DTYPES, check_triton_device, combine_lse, is_interpreter, num_programs_target
-from .utils import online_lse_update, split_vocab
+from .utils import KERNEL_DTYPES, check_triton_device, is_interpreter, num_programs_target
+from .utils import load_target_block, online_lse_update, row_lse_from_partials, split_vocab, store_row_kl
 
 # Vocabulary tile per loop step. 4096 fp32 lanes over 8 warps is 16 values per thread for the
 # running (max, sum): enough bytes in flight per SM to saturate HBM, no register spills.
@@ -87,40 +87,21 @@ def sparse_kl_forward_kernel(
     V, inv_tau, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Step 2: lse_r from the partials, then the K-way gather-dot of (1)."""
+    """Step 2: lse_r from the partials, then the K-way gather-dot of (1), BLOCK_K entries a step."""
     row = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    pm = tl.load(part_max_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    ps = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=0.0)
-    m_row, s_row = combine_lse(pm, ps, 0)
-    # A row of all -inf has M = -inf; use 0 as the reference so no -inf - -inf appears.
-    m_ref = tl.where(m_row != float("-inf"), m_row, 0.0)
+    m_ref, s_row = row_lse_from_partials(part_max_ptr, part_sum_ptr, row, num_splits, BLOCK_S)
     row_base = logits_ptr + row.to(tl.int64) * logits_row_stride
     start = tl.load(row_ptr_ptr + row)
     end = tl.load(row_ptr_ptr + row + 1)
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K], tl.float32)
     mass = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < end
-        ids = tl.load(ids_ptr + k, mask=k_ok, other=0)
-        q = tl.load(probs_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        # Every gather is masked: with validate=False a bad id must not read outside the row.
-        ok = k_ok & (ids >= 0) & (ids < V)
+        k, k_ok, ids, q, ok = load_target_block(ids_ptr, probs_ptr, k0, end, V, BLOCK_K)
         z = tl.load(row_base + ids, mask=ok, other=0.0).to(tl.float32)
         tl.store(zt_ptr + k, z, mask=k_ok)
         acc += sparse_kl_entry_terms(q, z, inv_tau, m_ref)
         mass += q
-    m_sum = tl.sum(mass, axis=0)
-    # m log S, and 0 (not 0 * -inf) for empty rows; "!= 0" lets a NaN mass (unvalidated) show.
-    kl = tl.sum(acc, axis=0) + tl.where(m_sum != 0, m_sum * tl.log(s_row), 0.0)
-    tl.store(loss_ptr + row, kl)
-    # lse is kept as (M, log S): one fp32 number M + log S would lose log S's digits when
-    # |M| ~ 1e4 (ulp 1e-3), and the backward's softmax with them.
-    tl.store(lse_ptr + 2 * row, m_ref)
-    tl.store(lse_ptr + 2 * row + 1, tl.log(s_row))
-    tl.store(mass_ptr + row, m_sum)
+    store_row_kl(loss_ptr, lse_ptr, mass_ptr, row, acc, mass, m_ref, s_row)
 
 
 @triton.jit

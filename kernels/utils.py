@@ -8,6 +8,9 @@
 * `online_lse_update`: one step of the streaming ("online") logsumexp of Milakov & Gimelshein,
   "Online normalizer calculation for softmax" (arXiv 1805.02867), with the -inf guards that the
   textbook version lacks.
+* `row_lse_from_partials`, `load_target_block`, `store_row_kl`: the prologue, the per-step target
+  gather and the epilogue that the two forward kernels (sparse_kl over given logits,
+  linear_sparse_kl over h W^T) share; only how z_k is obtained differs between them.
 * Launch heuristics: one config per kernel chosen from the shape (no multi-config autotune: it
   needs a CPU `do_bench` in the interpreter, and a single documented choice is reproducible).
 """
@@ -92,3 +95,49 @@ def combine_lse(m, s, axis: tl.constexpr):
         scale = tl.exp(m - m_ref[:, None])
     scale = tl.where(m != float("-inf"), scale, 0.0)
     return m_all, tl.sum(s * scale, axis=axis)
+
+
+@triton.jit
+def row_lse_from_partials(part_max_ptr, part_sum_ptr, row, num_splits, BLOCK_S: tl.constexpr):
+    """(M_ref, S) of row `row` from its `num_splits` partial (max, sum) pairs.
+
+    M_ref is the row max, or 0 for a row of all -inf (so no -inf - -inf appears downstream);
+    S = sum exp(z/tau - M_ref) (0 for such a row).
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    pm = tl.load(part_max_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    ps = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=0.0)
+    m_row, s_row = combine_lse(pm, ps, 0)
+    return tl.where(m_row != float("-inf"), m_row, 0.0), s_row
+
+
+@triton.jit
+def load_target_block(ids_ptr, probs_ptr, k0, end, V, BLOCK_K: tl.constexpr):
+    """Entries k0 .. k0+BLOCK_K-1 of a CSR row ending at `end`: (k, k_ok, ids, q fp32, ok).
+
+    A row with K entries takes cdiv(K, BLOCK_K) of these steps (K up to ~1000 for 3-digit
+    tokenizers). `ok` also masks ids outside [0, V): with validate=False a bad id must never
+    be gathered (an unmasked out-of-range load can crash the process).
+    """
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < end
+    ids = tl.load(ids_ptr + k, mask=k_ok, other=0)
+    q = tl.load(probs_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    ok = k_ok & (ids >= 0) & (ids < V)
+    return k, k_ok, ids, q, ok
+
+
+@triton.jit
+def store_row_kl(loss_ptr, lse_ptr, mass_ptr, row, acc, mass, m_ref, s_row):
+    """KL_r = sum(acc) + m log S, and the saved (M, log S), m of row `row`.
+
+    m log S is 0 (not 0 * -inf) for rows without entries; "!= 0" lets a NaN mass (unvalidated)
+    show. lse is kept as (M, log S): one fp32 number M + log S would lose log S's digits when
+    |M| ~ 1e4 (ulp 1e-3), and the backward's softmax with them.
+    """
+    m_sum = tl.sum(mass, axis=0)
+    kl = tl.sum(acc, axis=0) + tl.where(m_sum != 0, m_sum * tl.log(s_row), 0.0)
+    tl.store(loss_ptr + row, kl)
+    tl.store(lse_ptr + 2 * row, m_ref)
+    tl.store(lse_ptr + 2 * row + 1, tl.log(s_row))
+    tl.store(mass_ptr + row, m_sum)

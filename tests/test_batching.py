@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from calft.batching import (SparseKLLoss, balanced_order, build_batch, epoch_plan, global_num_positions,
+from calft.batching import (SparseKLLoss, balanced_order, build_batch, epoch_plan, global_num_positions, micro_batches,
                             sample_strings, step_items, steps_per_epoch)
 
 
@@ -63,6 +63,22 @@ def test_sharding_covers_global_batch():
     with pytest.raises(ValueError, match="larger than one epoch"):
         steps_per_epoch(5, 8)
     assert steps_per_epoch(20, 8) == 2
+
+
+def test_kept_last_partial_batch():
+    # the artifact trains on the last partial batch: 1988 prompts / 32 -> 63 steps, the last of 4
+    assert steps_per_epoch(1988, 32, keep_last=True) == 63 and steps_per_epoch(1988, 32) == 62
+    assert steps_per_epoch(5, 8, keep_last=True) == 1 and steps_per_epoch(16, 8, keep_last=True) == 2
+    plan = np.arange(2 * 1988).reshape(1988, 2)
+    last = step_items(plan, 62, global_batch=32)
+    assert np.array_equal(last, plan[1984:])
+    shards = [step_items(plan, 62, global_batch=32, world_size=4, rank=r) for r in range(4)]
+    assert [len(s) for s in shards] == [1, 1, 1, 1] and np.array_equal(np.concatenate(shards), last)
+    micro = micro_batches(last, 4)
+    assert [len(m) for m in micro] == [1, 1, 1, 1]
+    assert [len(m) for m in micro_batches(plan[:3], 4)] == [1, 1, 1, 0]  # the trainer pads the empty one
+    full = step_items(plan, 3, global_batch=32)  # full steps: the same consecutive micro-batches as before
+    assert all(np.array_equal(m, full[8 * i:8 * (i + 1)]) for i, m in enumerate(micro_batches(full, 4)))
 
 
 # ------------------------------------------------------------------------------------------------

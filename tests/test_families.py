@@ -145,8 +145,13 @@ def test_moments_infinite_or_undefined():
 def test_validate_normalizes_counts_and_order():
     out = get_family("binomial").validate({"p": np.float64(0.5), "n": 30.0})
     assert list(out) == ["n", "p"] and out["n"] == 30 and type(out["n"]) is int and type(out["p"]) is float
-    out = get_family("hypergeometric").validate({"M": 100.0, "K": np.int64(50), "N": 20.4})
+    out = get_family("hypergeometric").validate({"M": 100.0, "K": np.int64(50), "N": np.float32(20)})
     assert out == {"M": 100, "K": 50, "N": 20} and all(type(v) is int for v in out.values())
+    # a non-integral count is an error, never rounded silently (binomial n=2.5 used to become 2)
+    _raises("hypergeometric", {"M": 100, "K": 50, "N": 20.4}, "'N'", "whole number", "integer >= 0")
+    _raises("binomial", {"n": 2.5, "p": 0.5}, "'n'", "whole number")
+    _raises("binomial", {"n": 10**400, "p": 0.5}, "'n'", "must be finite")
+    _raises("hypergeometric", {"M": 10**12, "K": 5, "N": 5}, "'M'", "integer in [1, 10000000]")
     assert get_family("triangular").validate({"a": 0, "b": 2, "c": 2}) == {"a": 0.0, "c": 2.0, "b": 2.0}
     assert get_family("bernoulli").validate({"p": 0}) == {"p": 0.0}  # degenerate but valid
 

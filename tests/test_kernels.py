@@ -84,6 +84,49 @@ def test_sparse_kl_inplace_gradient_and_torch_agreement():
     assert_close(base.grad, zt.grad, rtol=1e-5, atol=1e-8, name="gradient")
 
 
+# K up to 1000 entries per row (SPEC.md section 4: 3-digit tokens, as Llama-3 and gpt-oss split
+# numbers, branch up to ~1000 per node): 16 passes of BLOCK_K = 64 in the standalone kernel,
+# 32 of GATHER_BLOCK_K = 32 in the fused one, next to a short row and an empty one. V = 1031
+# (prime) keeps every id distinct; N and H stay small for the interpreter.
+K1000_COUNTS = [1000, 3, 0]
+
+
+def test_sparse_kl_k1000_matches_float64():
+    N, V = 3, 1031
+    t = make_targets(N, V, K1000_COUNTS, seed=1000, zero_prob_entry=True)
+    assert int(t.row_ptr.diff().max()) == 1000
+    g = torch.Generator().manual_seed(1000)
+    z = torch.randn(N, V, generator=g) * 3
+    grad_out = torch.randn(N, generator=g)
+    zz = z.clone().requires_grad_()
+    kl = SparseKLFunction.apply(zz, t.row_ptr, t.token_ids, t.probs, 0.9, False, 256, 2)
+    kl.backward(grad_out)
+    ref, (gref,) = ref_loss_and_grads([z], lambda x: soft_target_kl_ref(x, as64(t), tau=0.9, reduction="none"),
+                                      grad_out)
+    assert_close(kl, ref, rtol=1e-5, atol=1e-5, name="kl, K=1000")  # fp32, 1000-term sums
+    assert_close(zz.grad, gref, rtol=1e-5, atol=1e-7, name="dlogits, K=1000")  # fp32
+
+
+@pytest.mark.parametrize("bias_kind", [None, "randn"])
+def test_linear_sparse_kl_k1000_matches_float64(bias_kind):
+    N, V, H = 3, 1031, 24
+    t = make_targets(N, V, K1000_COUNTS, seed=1001)
+    h, w, b = _linear_inputs(N, V, H, bias_kind, seed=1001)
+    grad_out = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    kl, lse, mass, zt = linear_sparse_kl_forward(h, w, b, t.row_ptr, t.token_ids, t.probs, 1.0, num_splits=2)
+    dh, dw, db = linear_sparse_kl_backward(h, w, b, t.row_ptr, t.token_ids, t.probs, lse, mass, zt, grad_out,
+                                           1.0, chunk_v=512)
+    ref, grefs = ref_loss_and_grads(
+        [h, w, b], lambda hh, ww, bb: linear_soft_target_kl_ref(hh, ww, as64(t), bias=bb, reduction="none"),
+        grad_out)
+    assert_close(kl, ref, rtol=1e-5, atol=1e-5, name="kl, K=1000")  # fp32
+    for name, got, gr in zip(("dhidden", "dweight", "dbias"), (dh, dw, db), grefs):
+        if gr is not None:  # fp32, normwise as in test_linear_sparse_kl_fp32_matches_float64
+            assert_close(got, gr, rtol=1e-5, atol=1e-5 * float(gr.abs().max()), name=name + ", K=1000")
+        else:
+            assert got is None
+
+
 # (N, V, H, bias, counts, overrides): heuristic launch; 2 row blocks x 2 splits with 5 backward
 # chunks of 64 columns, no bias; V < block and H = 17 (not a multiple of BLOCK_H); K = 90 > the
 # gather block, and -inf bias entries (a masked vocabulary) off the support.

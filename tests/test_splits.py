@@ -47,9 +47,9 @@ OOD_SELECTED = [
     ("chi", {"df": 2}), ("chi", {"df": 5}), ("chi", {"df": 10}),
 ]
 
-TRAIN_SIZES = {  # cartesian grid sizes, capped at 121 (triangular: 5*5*5 = 125 -> 121)
+TRAIN_SIZES = {  # cartesian grid sizes, capped at 121 (triangular: 125, the artifact's cap: all of 5*5*5)
     "uniform": 121, "gaussian": 121, "beta": 121, "binomial": 44, "exponential": 25, "geometric": 13,
-    "negative_binomial": 44, "lognormal": 121, "triangular": 121, "rayleigh": 25, "cauchy": 121,
+    "negative_binomial": 44, "lognormal": 121, "triangular": 125, "rayleigh": 25, "cauchy": 121,
     "student_t": 12, "chi_square": 13, "f_distribution": 16, "gamma": 121, "laplace": 121, "logistic": 121,
     "pareto": 99, "hypergeometric": 45, "gumbel": 121, "skellam": 121, "beta_binomial": 75, "lomax": 121,
     "inverse_gaussian": 121,
@@ -62,8 +62,8 @@ def _counts(specs):
 
 def test_split_sizes():
     sizes = {name: len(get_split(name)) for name in SPLITS}
-    # SPEC says "about 1988" for train: that counts triangular's 125 points uncapped
-    assert sizes == {"train": 1984, "test_unseen_params": 591, "test_within_range": 680, "test_selected": 24,
+    # 1988 train prompts, as the artifact (its conf/data/calibrate_sft.yaml caps triangular at 125)
+    assert sizes == {"train": 1988, "test_unseen_params": 591, "test_within_range": 680, "test_selected": 24,
                      "test_ood_family": 92, "ood_selected": 18}
     assert _counts(get_split("train")) == TRAIN_SIZES
     assert _counts(get_split("test_ood_family")) == {
@@ -94,29 +94,45 @@ def test_deterministic_and_unique():
     assert not set(get_split("train")) & set(get_split("test_unseen_params"))
 
 
-def test_even_indices_against_linspace():
-    for n, k in [(125, 121), (121, 121), (10, 3), (1000, 7), (36, 36), (5, 10), (7, 2), (9, 1)]:
+def _artifact_subsample(rows, max_items):
+    """The artifact's `_evenly_subsample` (chandar-lab/calibration-finetuning, calibrate_sft/data.py)."""
+    if max_items <= 0 or len(rows) <= max_items:
+        return rows
+    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, num=max_items, dtype=int)]
+
+
+def test_even_indices_are_the_artifacts():
+    for n, k in [(125, 121), (121, 121), (10, 3), (1000, 7), (36, 36), (5, 10), (7, 2), (9, 1), (1016, 1001)]:
         idx = even_indices(n, k)
-        if k >= n:
-            assert idx == list(range(n))
-            continue
-        want = np.floor(np.linspace(0, n - 1, k) + 0.5).astype(int).tolist() if k > 1 else [(n - 1) // 2]
-        assert idx == want, (n, k)
-        assert len(set(idx)) == len(idx)
+        assert idx == _artifact_subsample(list(range(n)), k), (n, k)
+        assert len(set(idx)) == len(idx) and idx[0] == 0
+    # truncation, not rounding: 3 of 10 -> 0, 4 (4.5 truncated), 9
+    assert even_indices(10, 3) == [0, 4, 9]
+    # float rounding as the artifact: i = 200 of (1016, 1001) is exactly 203 but linspace gives 202
+    assert even_indices(1016, 1001)[200] == 202
 
 
-def test_triangular_subsample_keeps_ends():
+def test_smaller_caps_subsample_like_the_artifact():
+    for fid in ("triangular", "gaussian", "pareto"):
+        full = get_split("train", families=[fid], max_specs=1000)
+        for cap in (7, 36, 121):
+            assert get_split("train", families=[fid], max_specs=cap) == _artifact_subsample(full, cap), (fid, cap)
+
+
+def test_triangular_keeps_its_whole_grid():
     tri = get_split("train", families=["triangular"])
-    assert len(tri) == 121
+    assert len(tri) == 125
     assert tri[0].params_dict == {"a": -3.0, "c": -2.9, "b": -2.0}  # a=-3, width=1, mf=.1
     assert tri[-1].params_dict == {"a": 1.0, "c": 5.5, "b": 6.0}  # a=1, width=5, mf=.9
+    assert len(get_split("train", families=["triangular"], max_specs=121)) == 121
 
 
 def test_families_filter_and_max_specs():
     specs = get_split("train", families=["gamma", "beta"], max_specs=10)
     assert _counts(specs) == {"beta": 10, "gamma": 10}  # SPEC order, not request order
     assert [s.family_id for s in specs][:1] == ["beta"]
-    assert get_split("train", families="beta", max_specs=1)[0].params_dict == {"alpha": 1.581, "beta": 1.581}
+    # one of 121: np.linspace(0, 120, 1) = [0], the first grid point (as the artifact)
+    assert get_split("train", families="beta", max_specs=1)[0].params_dict == {"alpha": 0.5, "beta": 0.5}
     assert len(get_split("test_ood_family", families=["chi"], max_specs=4)) == 4
 
 

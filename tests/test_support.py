@@ -23,29 +23,27 @@ def _fixed(k: int, d: int) -> str:
 
 
 def oracle_continuous(fid, params, d, max_bins, tail="clip_to_edge_bin", q_low=Q_LOW, q_high=Q_HIGH):
-    """SPEC.md section 3 for continuous families, written the plain way (cdf differences)."""
+    """SPEC.md section 3 for continuous families, written the artifact's way (cdf differences).
+
+    Grid: k in [ceil(lower / step), floor(upper / step)] with the float step 10.0**-d, centers
+    k * step, subsampled at np.linspace(0, n-1, max_bins, dtype=int), as the artifact's
+    `_continuous_grid` (chandar-lab/calibration-finetuning) does; the centers are computed only
+    at the kept indices (the full grid of a Cauchy prompt at 5 decimals is ~1 GB).
+    """
     dist = get_family(fid).frozen(params)
     s_lo, s_hi = dist.support()
     lower, upper = max(dist.ppf(q_low), s_lo), min(dist.ppf(q_high), s_hi)
-    scale = 10**d
-    k_lo = math.floor(lower * scale) - 2  # walk to the first/last center k/10^d (float64) inside
-    while k_lo / scale < lower:
-        k_lo += 1
-    k_hi = math.ceil(upper * scale) + 2
-    while k_hi / scale > upper:
-        k_hi -= 1
-    n = k_hi - k_lo + 1
-    if n <= max_bins:
-        ks = list(range(k_lo, k_hi + 1))
-    else:  # evenly spaced indices, round half up, as exact rationals
-        ks = [k_lo + math.floor(Fraction(i * (n - 1), max_bins - 1) + Fraction(1, 2)) for i in range(max_bins)]
-    centers = np.array(ks, dtype=np.float64) / scale
+    step = 10.0 ** (-d)
+    start, end = math.ceil(lower / step), math.floor(upper / step)
+    n = end - start + 1
+    idx = np.linspace(0, n - 1, num=max_bins, dtype=int) if n > max_bins else np.arange(n)
+    centers = (start + idx).astype(float) * step
     edges = np.concatenate(([lower], (centers[1:] + centers[:-1]) / 2, [upper]))
     probs = np.diff(dist.cdf(edges))
     if tail == "clip_to_edge_bin":
         probs[0] += dist.cdf(lower)
         probs[-1] += dist.sf(upper)
-    return [_fixed(k, d) for k in ks], probs / probs.sum(), edges
+    return [f"{c:.{d}f}" for c in centers], probs / probs.sum(), edges
 
 
 def oracle_integer(fid, params):
@@ -96,12 +94,14 @@ def test_continuous_matches_oracle(fid, params, d, max_bins):
 
 
 def test_range_ends_on_a_grid_point():
-    # lower = 0.07 and upper = 0.29 exactly; 0.07 * 100 = 7.000000000000001 and
-    # 0.29 * 100 = 28.999999999999996, so plain ceil/floor would lose both end centers
+    # lower = 0.07 and upper = 0.29 as floats: 0.07 / 0.01 = 7.000000000000001 and
+    # 0.29 / 0.01 = 28.999999999999996, so the artifact's rule drops both end centers; exact
+    # decimal comparison agrees here (float 0.07 > 0.07 and float 0.29 < 0.29)
     kwargs = dict(num_decimals=2, quantile_low=0.07, quantile_high=0.29)
     sup = build_support("uniform", {"a": 0, "b": 1}, **kwargs)
     assert (sup.lower, sup.upper) == (0.07, 0.29)
-    assert sup.values == tuple(f"0.{k:02d}" for k in range(7, 30))
+    assert Fraction(0.07) > Fraction(7, 100) and Fraction(0.29) < Fraction(29, 100)
+    assert sup.values == tuple(f"0.{k:02d}" for k in range(8, 29))
     values, probs, _ = oracle_continuous("uniform", {"a": 0, "b": 1}, 2, 1001, q_low=0.07, q_high=0.29)
     assert sup.values == tuple(values)
     np.testing.assert_allclose(sup.probs, probs, rtol=1e-12)
@@ -272,6 +272,58 @@ def test_renormalize_tail_policy_drops_outside_mass():
 def test_settings_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_support("gaussian", {"mu": 0, "sigma": 1}, **kwargs)
+
+
+def test_quantile_on_grid_point_follows_the_artifact_float_rule():
+    # uniform(3.5, 10.5): lower = 3.5 + 0.001 * 7 = 3.507, whose float is one ulp above the decimal
+    # 3.507; 3.507 / 1e-5 still rounds to 350700 in float64, so the artifact (and calft) keep
+    # '3.50700', which exact decimal comparison would drop (module docstring of calft.support)
+    sup = build_support("uniform", {"a": 3.5, "b": 10.5}, num_decimals=5)
+    assert Fraction(sup.lower) > Fraction(3507, 1000)
+    assert sup.values[0] == "3.50700" and len(sup.values) == 1001
+
+
+@pytest.mark.parametrize(
+    "fid,params,match",
+    [
+        ("binomial", {"n": 1e18, "p": 0.5}, "beyond 2\\*\\*53"),
+        ("negative_binomial", {"r": 1e9, "p": 1e-9}, "beyond 2\\*\\*53"),
+        ("geometric", {"p": 1e-300}, "beyond 2\\*\\*53"),
+        ("poisson", {"lambda": 10**400}, "parameter 'lambda' must be finite"),
+        ("gaussian", {"mu": -(10**400), "sigma": 1}, "parameter 'mu' must be finite"),
+        ("binomial", {"n": 2.5, "p": 0.5}, "'n' is a count and must be a whole number"),
+        ("hypergeometric", {"M": 1e12, "K": 5e11, "N": 1e11}, "'M'.*integer in \\[1, 10000000\\]"),
+    ],
+)
+def test_library_edges_raise_clear_value_errors(fid, params, match):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        build_support(fid, params)
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize(
+    "fid,params,mode",
+    [
+        ("binomial", {"n": 10**15, "p": 0.3}, 3 * 10**14),  # floor((n+1)p)
+        ("negative_binomial", {"r": 10**6, "p": 1e-9}, None),  # mode floor((r-1)(1-p)/p)
+        ("binomial", {"n": 10**12, "p": 0.5}, 5 * 10**11),
+        ("hypergeometric", {"M": 10**7, "K": 5 * 10**6, "N": 10**6}, 5 * 10**5),
+    ],
+)
+def test_huge_counts_window_is_centred_on_the_mode(fid, params, mode):
+    if mode is None:
+        r, p = params["r"], params["p"]
+        mode = math.floor((r - 1) * (1 - p) / p)
+    t0 = time.perf_counter()
+    sup = build_support(fid, params)
+    assert time.perf_counter() - t0 < 5
+    ks = sup.numeric_values()
+    assert len(ks) == 1001
+    # centred within 2 values, or 1e-6 sd where the pmf is flat to float64 around the mode
+    # (negative binomial: sd = 1e12); the old logpmf search was 1.08 sd off for binomial 1e15
+    sd = float(get_family(fid).frozen(params).std())
+    assert abs((ks[0] + ks[-1]) / 2 - mode) <= max(2, 1e-6 * sd), ((ks[0] + ks[-1]) / 2, mode, sd)
 
 
 def test_bad_family_or_params_propagate():

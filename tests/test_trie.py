@@ -222,6 +222,21 @@ def test_input_forms_agree():
         assert_same(reference_build_trie(form, probs, 7), ref)
 
 
+def test_list_input_read_in_cpp():
+    """Lists (or tuples) of Python ints, numpy ints and bools go straight to the C++ binding;
+    anything else falls back to the array path and its errors."""
+    seqs = [[3, 1, 2], (3, np.int64(1), 4), [0, False, True], []]
+    probs = [0.2, 0.3, 0.4, 0.1]
+    ref = reference_build_trie([[int(t) for t in q] for q in seqs], probs, 7)
+    assert_same(build_trie(seqs, probs, 7), ref)
+    with pytest.raises(TypeError, match="integer token ids"):
+        build_trie([[1, 2.5]], [1.0])
+    with pytest.raises((TypeError, ValueError)):
+        build_trie([[1, 2**70]], [1.0])
+    with pytest.raises(ValueError, match="got 2 sequences but 1 probs"):
+        build_trie([[1], [2]], [1.0])
+
+
 def test_arrays_roundtrip_readonly_and_validation():
     trie = build_trie([[1, 2, 3], [1, 2], [4]], [1, 2, 3], eos_id=0)
     again = Trie.from_arrays({k: v.copy() for k, v in trie.to_arrays().items()})
