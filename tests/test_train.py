@@ -265,8 +265,11 @@ def test_torchrun_two_processes_match_one(one_process_run, tiny_model_dir, tmp_p
     a = load_file(one_process_run / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for k in a:  # fp32 tolerance: the same sums in a different order
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # fp32 tolerance: the same sums in a different order. Adam divides by sqrt(v) + 1e-8, so an
+    # entry whose gradient is ~1e-8 turns a last-bit difference of that gradient into an update
+    # difference of up to ~1e-4 of a step (lr 1e-2 here): measured 1.3e-6 on one entry of 128
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 def test_hard_mode_trains(tiny_model_dir, tmp_path, env):
