@@ -95,10 +95,8 @@ py::dict build_tries(const Int64Array& tokens, const Int64Array& seq_offsets, co
     return d;
 }
 
-py::dict build_trie(const Int64Array& tokens, const Int64Array& seq_offsets, const Float64Array& probs,
-                    std::optional<int64_t> eos_id) {
-    const calft::SequenceBatch batch{as_span(tokens, "tokens"), as_span(seq_offsets, "seq_offsets"),
-                                     as_span(probs, "probs")};
+// One trie over every sequence of `batch` (validated first), built without the GIL.
+py::dict build_one(const calft::SequenceBatch& batch, std::optional<int64_t> eos_id) {
     const int64_t group_offsets[2] = {0, batch.weights.size};
     calft::TrieArrays trie;
     {
@@ -107,6 +105,13 @@ py::dict build_trie(const Int64Array& tokens, const Int64Array& seq_offsets, con
         trie = calft::build_trie_range(batch, 0, batch.weights.size, eos_id);
     }
     return to_dict(std::move(trie));
+}
+
+py::dict build_trie(const Int64Array& tokens, const Int64Array& seq_offsets, const Float64Array& probs,
+                    std::optional<int64_t> eos_id) {
+    const calft::SequenceBatch batch{as_span(tokens, "tokens"), as_span(seq_offsets, "seq_offsets"),
+                                     as_span(probs, "probs")};
+    return build_one(batch, eos_id);
 }
 
 // Flattens a Python sequence of token-id sequences (lists or tuples of ints) straight into the
@@ -146,14 +151,7 @@ py::dict build_trie_lists(py::handle sequences, const Float64Array& probs, std::
     const calft::SequenceBatch batch{{tokens.data(), static_cast<int64_t>(tokens.size())},
                                      {offsets.data(), static_cast<int64_t>(offsets.size())},
                                      as_span(probs, "probs")};
-    const int64_t group_offsets[2] = {0, batch.weights.size};
-    calft::TrieArrays trie;
-    {
-        py::gil_scoped_release release;
-        calft::validate_batch(batch, {group_offsets, 2}, eos_id);
-        trie = calft::build_trie_range(batch, 0, batch.weights.size, eos_id);
-    }
-    return to_dict(std::move(trie));
+    return build_one(batch, eos_id);
 }
 
 }  // namespace
