@@ -126,3 +126,17 @@ def test_spread_indices_cover_every_axis(shape, k):
     coords = np.array(np.unravel_index(idx, shape)).T
     for axis, n in enumerate(shape):
         assert len(set(coords[:, axis])) == min(n, k), (axis, coords)
+
+
+def test_missed_targets_names_every_miss():
+    from calft.tracking import missed_targets
+
+    tracking = {"location_r2": 0.95, "sd_within_2x": 0.7, "median_sample_ks": 0.15}
+    exact = {"support_mass": 0.85, "per_family": {"a": {"seq_kl_renorm": 0.2}, "b": {"seq_kl_renorm": 0.9}}}
+    base = {"per_family": {"a": {"seq_kl_renorm": 1.0}, "b": {"seq_kl_renorm": 0.5}}}
+    missed = missed_targets(tracking, exact, base)
+    assert missed == ["sd_within_2x 0.7 (target >= 0.75)", "support_mass 0.85 (target >= 0.9)",
+                      "seq_kl_renorm worse than the base model's for b"]
+    good = {"support_mass": 0.95, "per_family": {"a": {"seq_kl_renorm": 0.2}}}
+    assert missed_targets({"location_r2": 0.9, "sd_within_2x": 0.8, "median_sample_ks": 0.2}, good, base) == []
+    assert missed_targets({"location_r2": float("nan")}, {"support_mass": 0.95}) == []  # unmeasured: no claim

@@ -30,7 +30,9 @@ def tiny_args(model_dir, out_dir, *extra):
             "--max-prompts-per-family", "4", "--num-decimals", "1", "--max-bins", "40",
             "--batch-size", "4", "--micro-batch-size", "2", "--lora-r", "4", "--lora-alpha", "8",
             "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--lora-dropout", "0.1",
-            "--lr", "1e-2", "--max-steps", "6", "--no-progress", "--no-eval", *extra]
+            "--lr", "1e-2", "--max-steps", "6", "--no-progress", "--no-eval",
+            # one sampled string per prompt, as the paper (the quick recipe shares 4 per prompt forward)
+            "--no-share-prompt", "--samples-per-prompt", "1", "--no-trie-pack", *extra]
 
 
 @pytest.fixture(scope="module")
