@@ -13,7 +13,7 @@ import torch
 from vocabularies import load_family_tokenizer
 
 import calft.evaluate as ev
-from calft.batching import SparseKLLoss, build_batch, epoch_plan, global_num_positions
+from calft.batching import SparseKLLoss, build_batch, build_tree_batch, epoch_plan, global_num_positions
 from calft.data import DataSettings, prepare_prompts
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import add_lora
@@ -111,6 +111,15 @@ def test_train_score_sample(family, prepared):
         loss = objective(batch)
         assert torch.isfinite(loss)
         loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for pack in (False, True):  # trie mode: every node of 2 prompts' tries in one tree forward
+        batch = build_tree_batch(prepared, epoch_plan(prepared, seed=0, epoch=1)[:2], pad_id=tok.pad_token_id or 0,
+                                 global_batch=2, max_nodes=-1, samples_per_prompt=1, seed=0, epoch=1, pack=pack)
+        loss = objective(batch)
+        assert torch.isfinite(loss) and loss.item() > 0
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in objective.parameters() if p.grad is not None)
         opt.step()
         opt.zero_grad()
     model.eval()
