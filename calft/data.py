@@ -149,25 +149,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     SmolLM2, memoized per tokenizer object (with its size and template re-checked)."""
     template = str(getattr(tokenizer, "chat_template", None))
     cheap = (type(tokenizer).__name__, len(tokenizer), template, tokenizer.eos_token_id)
-    try:
-        memo = _FINGERPRINTS.get(tokenizer)
-    except TypeError:
-        memo = None
-    if memo is not None and memo[0] == cheap:
-        return memo[1]
-    h = hashlib.sha256(repr(cheap).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
-        h.update(repr(sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))).encode())
-    digest = h.hexdigest()
-    try:
-        _FINGERPRINTS[tokenizer] = (cheap, digest)
-    except TypeError:
-        pass
-    return digest
+
+    def digest() -> str:
+        h = hashlib.sha256(repr(cheap).encode())
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is not None:
+            h.update(backend.to_str().encode())
+        else:
+            h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+            h.update(repr(sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))).encode())
+        return h.hexdigest()
+
+    from calft.prompts import memo_per_tokenizer
+
+    return memo_per_tokenizer(_FINGERPRINTS, tokenizer, cheap, digest)
 
 
 def cache_key(tokenizer, specs: Sequence[PromptSpec], settings: DataSettings) -> str:

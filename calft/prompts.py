@@ -141,6 +141,21 @@ class AnswerFormat:
 _FORMATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def memo_per_tokenizer(store: "weakref.WeakKeyDictionary", tokenizer, key, compute):
+    """compute(), remembered per tokenizer object while `key` (what the value depends on) is
+    unchanged: store maps tokenizer -> (key, value). A tokenizer that cannot be weakly referenced
+    is not remembered."""
+    try:
+        memo = store.get(tokenizer)
+    except TypeError:
+        return compute()
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    value = compute()
+    store[tokenizer] = (key, value)
+    return value
+
+
 def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
     template = str(tokenizer.chat_template)
     return tokenizer.apply_chat_template(messages, chat_template=fixed_date_template(template), tokenize=False,
@@ -156,18 +171,7 @@ def answer_format(tokenizer) -> AnswerFormat:
     """
     template = getattr(tokenizer, "chat_template", None)
     key = (str(template), tokenizer.eos_token_id)  # not len(tokenizer): ~2 ms a call on Gemma
-    try:
-        memo = _FORMATS.get(tokenizer)
-    except TypeError:
-        memo = None
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    fmt = _derive_answer_format(tokenizer, template)
-    try:
-        _FORMATS[tokenizer] = (key, fmt)
-    except TypeError:
-        pass
-    return fmt
+    return memo_per_tokenizer(_FORMATS, tokenizer, key, lambda: _derive_answer_format(tokenizer, template))
 
 
 def _derive_answer_format(tokenizer, template) -> AnswerFormat:
@@ -316,23 +320,14 @@ def _special_strings(tokenizer) -> list[str]:
 
     Memoized per tokenizer (and its size): collecting Gemma's ~6,250 special tokens through
     `added_tokens_decoder` costs ~26 ms, which was paid on every prompt."""
-    key = _size(tokenizer)
-    try:
-        memo = _SPECIALS.get(tokenizer)
-    except TypeError:
-        memo = None
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(tok, "special", False):
-            found.add(str(tok.content))
-    out = [t for t in found if t]
-    try:
-        _SPECIALS[tokenizer] = (key, out)
-    except TypeError:
-        pass
-    return out
+    def collect() -> list[str]:
+        found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(tok, "special", False):
+                found.add(str(tok.content))
+        return [t for t in found if t]
+
+    return memo_per_tokenizer(_SPECIALS, tokenizer, _size(tokenizer), collect)
 
 
 def _split_at_last_special(tokenizer, rendered_prompt: str, prompt_ids=None, offsets=None) -> int:
@@ -351,19 +346,8 @@ _SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _special_ids(tokenizer) -> set[int]:
     """Ids of `_special_strings` (memoized the same way)."""
-    key = _size(tokenizer)
-    try:
-        memo = _SPECIAL_IDS.get(tokenizer)
-    except TypeError:
-        memo = None
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    out = {int(i) for i in tokenizer.convert_tokens_to_ids(_special_strings(tokenizer)) if i is not None}
-    try:
-        _SPECIAL_IDS[tokenizer] = (key, out)
-    except TypeError:
-        pass
-    return out
+    return memo_per_tokenizer(_SPECIAL_IDS, tokenizer, _size(tokenizer), lambda: {
+        int(i) for i in tokenizer.convert_tokens_to_ids(_special_strings(tokenizer)) if i is not None})
 
 
 def _in_context(tokenizer, rendered_prompt: str, values: list[str], *, full: bool = False):
