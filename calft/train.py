@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -119,6 +120,9 @@ class TrainConfig:
     seed: int = knob(0, "seed of the data order, string sampling, LoRA init and dropout")
     output_dir: str = knob("", "run directory; '' = runs/<recipe>")
     checkpoint_interval: int = knob(100, "steps between checkpoints; 0 = only at the end or on a signal")
+    snapshot_steps: str = knob("", "comma-separated steps after which the adapter is also saved to "
+                               "<output-dir>/snapshots/step_<N> (for a curve of metrics vs training "
+                               "time: benchmarks/calibration_curve.py); '' = none")
     stop_at_step: int = knob(-1, "checkpoint and stop after this step without changing the schedule "
                              "(time-boxed jobs); -1 = run to the end")
     resume: bool = knob(False, "continue from the checkpoint in --output-dir (fresh start if none)")
@@ -174,8 +178,8 @@ RECIPES = {
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",
                "seed": "run", "eval": "evaluation after training"}
 # Fields that may differ between a run and its --resume (they do not change the trained weights).
-RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "device", "progress", "micro_batch_size",
-                   "checkpoint_interval", "eval", "eval_split", "eval_decimals", "eval_bins",
+RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "snapshot_steps", "device", "progress",
+                   "micro_batch_size", "checkpoint_interval", "eval", "eval_split", "eval_decimals", "eval_bins",
                    "eval_prompts_per_family", "eval_samples", "output_dir"}
 
 
@@ -255,6 +259,14 @@ def check_config(cfg: TrainConfig) -> None:
     for split in cfg.eval_split.split(","):
         if split.strip() not in SPLITS:
             raise ValueError(f"--eval-split: unknown split {split.strip()!r}; known: {', '.join(SPLITS)}")
+    try:
+        snapshots = [int(x) for x in cfg.snapshot_steps.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--snapshot-steps must be comma-separated step numbers, got {cfg.snapshot_steps!r}") from None
+    if any(s < 1 for s in snapshots):
+        raise ValueError(f"--snapshot-steps must be >= 1, got {cfg.snapshot_steps!r}")
+    if snapshots and cfg.max_steps > 0 and max(snapshots) > cfg.max_steps:
+        raise ValueError(f"--snapshot-steps {max(snapshots)} is past the last step ({cfg.max_steps})")
     if cfg.checkpoint_interval < 0:
         raise ValueError(f"--checkpoint-interval must be >= 0 (0 = only at the end), got {cfg.checkpoint_interval}")
     if not (0 < cfg.lr < math.inf and 0 <= cfg.warmup_frac < 1 and 0 <= cfg.min_lr_ratio <= 1
@@ -393,6 +405,10 @@ try:
 except ValueError as err:
     fail(str(err))
 max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+snapshot_steps = {int(x) for x in cfg.snapshot_steps.split(",") if x.strip()}
+if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set by --epochs
+    print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
+          f"reached: {sorted(s for s in snapshot_steps if s > max_steps)}", file=sys.stderr, flush=True)
 if master:
     print(f"{len(prompts)} prompts from {len({p.spec.family_id for p in prompts})} families, "
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
@@ -492,6 +508,20 @@ def save_checkpoint(step: int):
                         meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
     except checkpoint.CheckpointError as err:
         fail(str(err), status=1)
+
+
+def save_snapshot(step: int):
+    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
+    adapter = {k.removeprefix("model."): v.detach().cpu() for k, v in trainable_state().items()}
+    if not master:
+        return  # under FSDP every rank took part in gathering the state
+    checkpoint.record_files(out_dir, ["snapshots"])
+    final = out_dir / "snapshots" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=adapter)
+    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
+    os.replace(tmp, final)
 
 
 # resume: step, timings, token count and last loss carry over; the run's segments add up
@@ -643,6 +673,8 @@ while step < max_steps:
             fh.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
         bar.update(1)
+    if step in snapshot_steps:  # a plain adapter copy, kept (checkpoints rotate)
+        save_snapshot(step)
     interval_hit = cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0
     if interval_hit or step == max_steps or step == cfg.stop_at_step or stop_now:
         save_checkpoint(step)

@@ -95,6 +95,14 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_tensors(adapter_a, adapter_b):
+    """Two adapter folders hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(Path(d) / "adapter_model.safetensors") for d in (adapter_a, adapter_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def load_adapter(model_dir, adapter_dir):
     from peft import PeftModel
 
@@ -199,9 +207,11 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, env, n_threads):
     cache = env["CALFT_CACHE_DIR"]
     full, out = tmp_path / "full", tmp_path / "resumed"
     with threads(n_threads):
-        run_inline(tiny_args(tiny_model_dir, full), cache)
+        run_inline(tiny_args(tiny_model_dir, full, "--snapshot-steps", "2,6"), cache)
         run_inline(tiny_args(tiny_model_dir, out, "--stop-at-step", "2"), cache)
         assert [m["step"] for m in read_metrics(out)] == [1, 2]
+        # the uninterrupted run's snapshot after step 2 is the adapter of the run stopped there
+        assert_same_tensors(full / "snapshots" / "step_2", out / "checkpoint")
         with (out / "metrics.jsonl").open("a") as fh:  # a step logged after the checkpoint, then
             fh.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")  # lost, and a line torn by a kill
             fh.write('{"step": 4, "lo')
@@ -210,10 +220,9 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, env, n_threads):
     assert [m["step"] for m in got] == list(range(1, 7))
     assert [m["loss"] for m in got] == [m["loss"] for m in want]  # exactly, not approximately
     assert [m["grad_norm"] for m in got] == [m["grad_norm"] for m in want]
-    from safetensors.torch import load_file
-
-    a, b = load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(full, out)
+    assert_same_tensors(full / "snapshots" / "step_6", full)
+    assert sorted(p.name for p in (full / "snapshots").iterdir()) == ["step_2", "step_6"]
     # the summary covers both segments of the resumed run
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, out))
     assert sb["tokens"] == sa["tokens"] > 0 and sb["final_loss"] == sa["final_loss"] == want[-1]["loss"]
@@ -336,6 +345,8 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "eval_bins_0": (["--eval-bins", "0"], "--eval-bins must be >= 1"),
     "eval_split_typo": (["--eval-split", "test_within_range,test_selectd"], "unknown split 'test_selectd'"),
     "eval_samples_negative": (["--eval-samples", "-3"], "--eval-samples must be >= 0"),
+    "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
+    "snapshot_not_a_step": (["--snapshot-steps", "3,ten"], "comma-separated step numbers"),
     "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
     "lora_alpha_0": (["--lora-alpha", "0"], "--lora-alpha > 0"),
     "max_steps_negative": (["--max-steps", "-5"], "--max-steps must be >= 1, or -1"),

@@ -1,0 +1,181 @@
+"""Does the model follow the parameters, as a function of training time? One training run with
+adapter snapshots, each snapshot scored like the end of `python -m calft.train`.
+
+    python -m benchmarks.calibration_curve                       # train 960 steps (~30 min, 2 cores), then score
+    python -m benchmarks.calibration_curve --run-dir runs/curve  # score the snapshots of a finished run again
+    python -m benchmarks.calibration_curve -- --lora-r 64        # flags after -- go to calft.train
+
+Training: the quick recipe on all 1988 training prompts (--max-prompts-per-family -1), with the
+cosine schedule spanning --max-steps, and `--snapshot-steps` saving the adapter along the way. A
+snapshot before the last step is mid-schedule (its learning rate has not decayed), so it is a
+pessimistic stand-in for a run annealed at that length; the default job (92 steps, annealed) is
+the separate point quoted in the README.
+
+Scoring (calft.eval, the same prompts for every model): test_within_range (unseen parameters
+inside the training ranges), --prompts-per-family spread over the parameter grid, 1 decimal,
+1001 bins; the exact metrics and tracking for the base model (the baseline, step 0) and every
+snapshot, plus --samples answers per prompt for the snapshots (the base answers in prose).
+Training minutes per snapshot come from the run's metrics.jsonl (elapsed_s: training only, no
+model loading or data preparation). Output: a table (stdout), the JSON in
+benchmarks/results/calibration_curve.json, and the figure in --plot.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as calft.eval: shared cores
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.common import format_table, machine_info  # noqa: E402
+from calft.tracking import TARGETS, missed_targets  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STEPS = "96,160,320,480,640,960"
+# (key, where it lives: "tracking" (calft.tracking) or "exact" (calft.evaluate.summarize), header)
+CURVE_METRICS = [("location_r2", "tracking", "loc R2"), ("location_slope", "tracking", "slope"),
+                 ("scale_r2", "tracking", "scale R2"), ("sd_within_2x", "tracking", "sd 2x"),
+                 ("sample_sd_within_2x", "tracking", "sd 2x (samples)"), ("median_ks", "tracking", "KS"),
+                 ("median_sample_ks", "tracking", "KS (samples)"), ("support_mass", "exact", "support"),
+                 ("seq_kl_renorm", "exact", "seq_kl_renorm")]
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.calibration_curve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Flags after -- are passed to python -m calft.train.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (calft.train --model)")
+    p.add_argument("--families", default="", help="comma-separated families to train and score; '' = all")
+    p.add_argument("--run-dir", default="runs/curve", help="training run (trained here unless it holds a "
+                   "finished run with snapshots)")
+    p.add_argument("--max-steps", type=int, default=960, help="steps of the training run (cosine over all)")
+    p.add_argument("--snapshot-steps", default=DEFAULT_STEPS, help="steps whose adapters are scored")
+    p.add_argument("--prompts-per-family", type=int, default=3, help="test_within_range prompts per family")
+    p.add_argument("--samples", type=int, default=50, help="answers sampled per prompt (snapshots only)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for scoring (0 = default)")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "calibration_curve.json"),
+                   help="JSON result")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "calibration_curve.png"), help="figure (PNG)")
+    args = p.parse_args(argv)
+    try:
+        args.steps = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--snapshot-steps must be comma-separated step numbers, got {args.snapshot_steps!r}")
+    if not args.steps or args.steps[0] < 1 or args.steps[-1] > args.max_steps:
+        p.error(f"--snapshot-steps must lie in [1, --max-steps={args.max_steps}]")
+    args.train_extra = train_extra
+    return args
+
+
+def train(args) -> None:
+    cmd = [sys.executable, "-m", "calft.train", "--model", args.model, "--families", args.families,
+           "--output-dir", args.run_dir, "--max-prompts-per-family", "-1",
+           "--max-steps", str(args.max_steps), "--snapshot-steps", ",".join(map(str, args.steps)),
+           "--no-eval", "--resume", *args.train_extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)  # --resume: an interrupted run continues
+
+
+def score(args, snapshots: dict[int, Path]) -> dict:
+    """calft.eval twice on the same prompts: the base model (exact), then every snapshot (all)."""
+    from calft import eval as calft_eval
+
+    common = ["--model", args.model, *(["--families", args.families] if args.families else []),
+              "--split", "test_within_range", "--max-prompts-per-family", str(args.prompts_per_family),
+              "--num-decimals", "1", "--max-bins", "1001", "--threads", str(args.threads), "--no-plots", "--quiet"]
+    out = Path(args.run_dir) / "curve_eval"
+    base = calft_eval.main([*common, "--metrics", "exact", "--output-dir", str(out / "base")])
+    adapters = [a for step in sorted(snapshots) for a in ("--adapter", str(snapshots[step]))]
+    tuned = calft_eval.main([*common, *adapters, "--no-base", "--metrics", "all", "--num-samples",
+                             str(args.samples), "--output-dir", str(out / "snapshots")])
+    return {"base": base, "snapshots": tuned}
+
+
+def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
+    split = "test_within_range"
+    elapsed = {}
+    for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        elapsed[m["step"]] = m["elapsed_s"]
+    base = scored["base"]
+    base_label = next(iter(base["splits"][split]))
+    base_exact = base["splits"][split][base_label]
+    rows = [{"model": "base", "step": 0, "minutes": 0.0, **row_metrics(base["tracking"][split][base_label], base_exact)}]
+    labels = {str(path): lab for lab, path in scored["snapshots"]["models"].items()}  # adapter dir -> label
+    for step in sorted(snapshots):
+        label = labels[str(snapshots[step])]
+        exact = scored["snapshots"]["splits"][split][label]
+        row = {"model": f"step {step}", "step": step, "minutes": elapsed[step] / 60,
+               **row_metrics(scored["snapshots"]["tracking"][split][label], exact)}
+        row["missed"] = missed_targets(scored["snapshots"]["tracking"][split][label], exact, base_exact)
+        row["targets_missed"] = len(row["missed"])
+        rows.append(row)
+    return rows
+
+
+def row_metrics(tracking: dict, exact: dict) -> dict:
+    return {k: (tracking if where == "tracking" else exact).get(k) for k, where, _ in CURVE_METRICS}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("location_r2", "location R$^2$", ">=", 0.9), ("sd_within_2x", "sd within 2x", ">=", 0.75),
+              ("median_sample_ks", "median KS (samples)", "<=", 0.2), ("support_mass", "support mass", ">=", 0.9)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, title, _, bound) in zip(axes, panels):
+        pts = [(r["minutes"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color="C0", label="fine-tuned (snapshots)")
+        if key == "sd_within_2x":
+            pts = [(r["minutes"], r["sample_sd_within_2x"]) for r in rows if r.get("sample_sd_within_2x") is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "s--", color="C1", label="from samples")
+        ax.axhline(bound, color="k", ls=":", lw=1, label="target")
+        ax.set_title(title)
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run = Path(args.run_dir)
+    if not (run / "summary.json").is_file():
+        train(args)
+    snapshots = {s: run / "snapshots" / f"step_{s}" for s in args.steps}
+    missing = [str(p) for p in snapshots.values() if not (p / "adapter_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"calft.calibration_curve: error: no adapter snapshot in {', '.join(missing)} "
+                         "(was the run trained with these --snapshot-steps?)")
+    scored = score(args, snapshots)
+    rows = curve_rows(args, snapshots, scored)
+    columns = [("model", "model", ""), ("minutes", "train min", ".1f")]
+    columns += [(k, h, ".3f") for k, _, h in CURVE_METRICS] + [("targets_missed", "targets missed (of 5)", "")]
+    print(format_table(rows, columns))
+    result = {"benchmark": "calibration_curve", "machine": machine_info("cpu"),
+              "run_dir": str(run), "train_config": json.loads((run / "config.json").read_text()),
+              "train_summary": json.loads((run / "summary.json").read_text()),
+              "targets": {k: list(v) for k, v in TARGETS.items()}, "rows": rows,
+              "seconds": {**scored["base"]["seconds"], **scored["snapshots"]["seconds"]}}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1, default=float))
+    plot(rows, args.plot)
+    print(f"\nwrote {args.output} and {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""benchmarks/calibration_curve.py on the tiny model: snapshots trained, scored, and mapped to
+the right training minutes; its last row equals an independent calft.eval of the final adapter."""
+import json
+import math
+
+import pytest
+
+
+
+from calft.tracking import missed_targets
+
+
+def test_curve_rows_match_an_independent_eval(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks import calibration_curve
+    from calft import eval as calft_eval
+
+    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train_flags = ["--num-decimals", "1", "--max-bins", "40", "--batch-size", "4", "--micro-batch-size", "2",
+                   "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--no-progress"]
+    result = calibration_curve.main(
+        ["--model", str(tiny_model_dir), "--families", "gaussian,binomial", "--run-dir", str(run),
+         "--max-steps", "4", "--snapshot-steps", "2,4", "--prompts-per-family", "2", "--samples", "3",
+         "--output", str(tmp_path / "curve.json"), "--plot", str(tmp_path / "curve.png"), "--", *train_flags])
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "curve.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    metrics = {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert [r["minutes"] for r in rows[1:]] == [metrics[2]["elapsed_s"] / 60, metrics[4]["elapsed_s"] / 60]
+    # the final snapshot is the run's final adapter: scored on its own, the numbers agree
+    alone = calft_eval.main(["--model", str(tiny_model_dir), "--adapter", str(run), "--families", "gaussian,binomial",
+                             "--split", "test_within_range", "--max-prompts-per-family", "2", "--num-decimals", "1",
+                             "--metrics", "all", "--num-samples", "3", "--no-plots", "--quiet",
+                             "--output-dir", str(tmp_path / "alone")])
+    exact, tracking = alone["splits"]["test_within_range"]["run"], alone["tracking"]["test_within_range"]["run"]
+    base_exact = alone["splits"]["test_within_range"]["base"]
+    for key in ("location_r2", "sd_within_2x", "median_ks", "median_sample_ks"):
+        assert rows[-1][key] == pytest.approx(tracking[key], rel=1e-6, abs=1e-9, nan_ok=True), key  # tiny: NaN KS
+    assert math.isclose(rows[-1]["support_mass"], exact["support_mass"], rel_tol=1e-6)
+    assert math.isclose(rows[0]["support_mass"], base_exact["support_mass"], rel_tol=1e-6)
+    assert rows[-1]["missed"] == missed_targets(tracking, exact, base_exact)
