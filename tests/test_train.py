@@ -425,6 +425,9 @@ def test_help_documents_every_field(monkeypatch, capsys):
     for flag in ("--model", "--recipe", "--mode", "--max-steps", "--output-dir", "--resume", "--overwrite",
                  "--fsdp", "--no-eval", "--lr", "--batch-size", "--micro-batch-size", "--epochs",
                  "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--num-decimals", "--max-bins",
-                 "--samples-per-prompt", "--seed", "--checkpoint-interval", "--eval-split", "--device"):
+                 "--samples-per-prompt", "--seed", "--checkpoint-interval", "--snapshot-steps", "--eval-split",
+                 "--device"):
         assert flag in text, flag
     assert "-1 = " in text and "paper-hard" in text  # sentinels and per-recipe defaults are explained
+    squashed = " ".join(text.split())
+    assert "(default: -1; long: 640)" in squashed and "(default: -1; quick: 16, long: -1)" in squashed
