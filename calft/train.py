@@ -2,6 +2,7 @@
 
 Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
+    python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~30 min)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
     python -m calft.train --recipe paper-hard --model Qwen/Qwen3-0.6B --output-dir runs/qwen-hard
     python -m calft.train --mode trie --output-dir runs/trie  # exact expected soft loss: every trie node
