@@ -4,6 +4,7 @@ adapter snapshots, each snapshot scored like the end of `python -m calft.train`.
     python -m benchmarks.calibration_curve                       # train 960 steps (~30 min, 2 cores), then score
     python -m benchmarks.calibration_curve --run-dir runs/curve  # score the snapshots of a finished run again
     python -m benchmarks.calibration_curve -- --lora-r 64        # flags after -- go to calft.train
+    python -m benchmarks.calibration_curve --plot-only --reference quick=runs/quick --reference long=runs/long
 
 Training: the quick recipe on all 1988 training prompts (--max-prompts-per-family -1), with the
 cosine schedule spanning --max-steps, and `--snapshot-steps` saving the adapter along the way. A
@@ -60,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-family", type=int, default=3, help="test_within_range prompts per family")
     p.add_argument("--samples", type=int, default=50, help="answers sampled per prompt (snapshots only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for scoring (0 = default)")
+    p.add_argument("--reference", action="append", default=[], metavar="LABEL=RUN_DIR",
+                   help="a finished `python -m calft.train` run (annealed, evaluated on test_within_range at "
+                        "the same settings) drawn as its own point, from its eval.json and summary.json; repeatable")
+    p.add_argument("--plot-only", action="store_true", help="redraw --plot from the rows in --output (plus any "
+                   "--reference) without training or scoring")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "calibration_curve.json"),
                    help="JSON result")
     p.add_argument("--plot", default=str(ROOT / "docs" / "calibration_curve.png"), help="figure (PNG)")
@@ -70,6 +76,12 @@ def parse_args(argv=None):
         p.error(f"--snapshot-steps must be comma-separated step numbers, got {args.snapshot_steps!r}")
     if not args.steps or args.steps[0] < 1 or args.steps[-1] > args.max_steps:
         p.error(f"--snapshot-steps must lie in [1, --max-steps={args.max_steps}]")
+    args.references = []
+    for ref in args.reference:
+        label, sep, run_dir = ref.partition("=")
+        if not sep or not label or not (Path(run_dir) / "eval.json").is_file():
+            p.error(f"--reference {ref!r}: expected LABEL=RUN_DIR of a calft.train run with eval.json")
+        args.references.append((label, Path(run_dir)))
     args.train_extra = train_extra
     return args
 
@@ -120,6 +132,18 @@ def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
     return rows
 
 
+def reference_row(label: str, run_dir: Path) -> dict:
+    """The end-of-training evaluation of a finished calft.train run, as a curve row."""
+    split = "test_within_range"
+    ev = json.loads((run_dir / "eval.json").read_text())["splits"][split]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = {"model": label, "step": summary["steps"], "minutes": summary["train_time_s"] / 60, "reference": str(run_dir),
+           **row_metrics(ev["finetuned_tracking"], ev["finetuned"])}
+    row["missed"] = missed_targets(ev["finetuned_tracking"], ev["finetuned"], ev["base"])
+    row["targets_missed"] = len(row["missed"])
+    return row
+
+
 def row_metrics(tracking: dict, exact: dict) -> dict:
     return {k: (tracking if where == "tracking" else exact).get(k) for k, where, _ in CURVE_METRICS}
 
@@ -133,17 +157,22 @@ def plot(rows: list[dict], path: str) -> None:
     panels = [("location_r2", "location R$^2$", ">=", 0.9), ("sd_within_2x", "sd within 2x", ">=", 0.75),
               ("median_sample_ks", "median KS (samples)", "<=", 0.2), ("support_mass", "support mass", ">=", 0.9)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    curve = [r for r in rows if "reference" not in r]
     for ax, (key, title, _, bound) in zip(axes, panels):
-        pts = [(r["minutes"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color="C0", label="fine-tuned (snapshots)")
+        pts = [(r["minutes"], r[key]) for r in curve if r.get(key) is not None and r[key] == r[key]]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color="C0", label="snapshots of one run")
         if key == "sd_within_2x":
-            pts = [(r["minutes"], r["sample_sd_within_2x"]) for r in rows if r.get("sample_sd_within_2x") is not None]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "s--", color="C1", label="from samples")
+            pts = [(r["minutes"], r["sample_sd_within_2x"]) for r in curve if r.get("sample_sd_within_2x") is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "s--", color="C1", label="snapshots, from samples")
+        for i, r in enumerate(r for r in rows if "reference" in r):
+            if r.get(key) is not None and r[key] == r[key]:
+                ax.plot([r["minutes"]], [r[key]], "*", ms=13, color=f"C{i + 2}", label=f"{r['model']} (annealed)")
         ax.axhline(bound, color="k", ls=":", lw=1, label="target")
         ax.set_title(title)
         ax.set_xlabel("training minutes (2 CPU cores)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -152,6 +181,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        result = json.loads(Path(args.output).read_text())
+        result["rows"] = [r for r in result["rows"] if "reference" not in r]
+        result["rows"] += [reference_row(label, run_dir) for label, run_dir in args.references]
+        Path(args.output).write_text(json.dumps(result, indent=1, default=float))
+        plot(result["rows"], args.plot)
+        print(f"wrote {args.output} and {args.plot}")
+        return result
     run = Path(args.run_dir)
     if not (run / "summary.json").is_file():
         train(args)
@@ -161,7 +198,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"calft.calibration_curve: error: no adapter snapshot in {', '.join(missing)} "
                          "(was the run trained with these --snapshot-steps?)")
     scored = score(args, snapshots)
-    rows = curve_rows(args, snapshots, scored)
+    rows = curve_rows(args, snapshots, scored) + [reference_row(label, d) for label, d in args.references]
     columns = [("model", "model", ""), ("minutes", "train min", ".1f")]
     columns += [(k, h, ".3f") for k, _, h in CURVE_METRICS] + [("targets_missed", "targets missed (of 5)", "")]
     print(format_table(rows, columns))

@@ -40,3 +40,36 @@ def test_curve_rows_match_an_independent_eval(tiny_model_dir, tmp_path, monkeypa
     assert math.isclose(rows[-1]["support_mass"], exact["support_mass"], rel_tol=1e-6)
     assert math.isclose(rows[0]["support_mass"], base_exact["support_mass"], rel_tol=1e-6)
     assert rows[-1]["missed"] == missed_targets(tracking, exact, base_exact)
+
+
+def test_reference_runs_are_drawn_from_their_own_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """--plot-only --reference LABEL=RUN: a finished calft.train run becomes a row with the numbers
+    its end-of-training evaluation printed (eval.json), at its training minutes (summary.json)."""
+    import subprocess
+    import sys
+
+    from benchmarks import calibration_curve
+
+    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "calft.train", "--model", str(tiny_model_dir), "--output-dir", str(run),
+                    "--families", "gaussian,binomial", "--max-prompts-per-family", "4", "--num-decimals", "1",
+                    "--max-bins", "40", "--batch-size", "4", "--lora-r", "4", "--max-steps", "2", "--no-progress",
+                    "--eval-split", "test_within_range", "--eval-prompts-per-family", "2", "--eval-bins", "40",
+                    "--eval-samples", "2"], check=True, capture_output=True)
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"rows": [{"model": "base", "step": 0, "minutes": 0.0, "location_r2": 0.1}]}))
+    result = calibration_curve.main(["--plot-only", "--reference", f"tiny={run}", "--output", str(curve),
+                                     "--plot", str(tmp_path / "curve.png")])
+    ev = json.loads((run / "eval.json").read_text())["splits"]["test_within_range"]
+    summary = json.loads((run / "summary.json").read_text())
+    rows = json.loads(curve.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["base", "tiny"] and rows == json.loads(json.dumps(result["rows"]))
+    ref = rows[1]
+    assert ref["step"] == 2 and ref["minutes"] == summary["train_time_s"] / 60
+    assert ref["support_mass"] == ev["finetuned"]["support_mass"]
+    assert ref["location_r2"] == pytest.approx(ev["finetuned_tracking"]["location_r2"], nan_ok=True)
+    assert ref["missed"] == missed_targets(ev["finetuned_tracking"], ev["finetuned"], ev["base"])
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # not LABEL=RUN_DIR of a finished run: an argparse error
+        calibration_curve.main(["--plot-only", "--reference", str(run), "--output", str(curve)])
