@@ -2,7 +2,7 @@
 
 Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
-    python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~30 min)
+    python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~27 min)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
     python -m calft.train --recipe paper-hard --model Qwen/Qwen3-0.6B --output-dir runs/qwen-hard
     python -m calft.train --mode trie --output-dir runs/trie  # exact expected soft loss: every trie node
@@ -162,8 +162,8 @@ class TrainConfig:
 # The paper recipes reproduce the artifact's loop (chandar-lab/calibration-finetuning,
 # calibrate_sft/train_loop.py): the last partial batch is trained (1988 prompts / 32 = 63 steps
 # per epoch, not 62), warmup is transformers' int(3% x steps) with lr x s/W, and no clipping.
-# long: the quick recipe on every training prompt for 640 steps (~21 min of training on 2 quiet
-# cores, ~28 min for the whole command). The quick recipe misses the calibration targets in its 10
+# long: the quick recipe on every training prompt for 640 steps (~21 min of training on 2
+# cores, ~27 min for the whole command). The quick recipe misses the calibration targets in its 10
 # minutes; benchmarks/calibration_curve.py (docs/calibration.md) measured the metrics against
 # training time, and a 960-step run passed every target from its step-640 snapshot on.
 _ARTIFACT_LOOP = dict(keep_last_batch=True, warmup_rule="hf", grad_clip=0.0)
