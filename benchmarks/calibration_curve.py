@@ -82,6 +82,7 @@ def parse_args(argv=None):
         if not sep or not label or not (Path(run_dir) / "eval.json").is_file():
             p.error(f"--reference {ref!r}: expected LABEL=RUN_DIR of a calft.train run with eval.json")
         args.references.append((label, Path(run_dir)))
+    args.run_dir = str(Path(args.run_dir).resolve())  # calft.train runs from the repository root
     args.train_extra = train_extra
     return args
 
@@ -123,13 +124,16 @@ def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
     labels = {str(path): lab for lab, path in scored["snapshots"]["models"].items()}  # adapter dir -> label
     for step in sorted(snapshots):
         label = labels[str(snapshots[step])]
-        exact = scored["snapshots"]["splits"][split][label]
-        row = {"model": f"step {step}", "step": step, "minutes": elapsed[step] / 60,
-               **row_metrics(scored["snapshots"]["tracking"][split][label], exact)}
-        row["missed"] = missed_targets(scored["snapshots"]["tracking"][split][label], exact, base_exact)
-        row["targets_missed"] = len(row["missed"])
-        rows.append(row)
+        rows.append(tuned_row(f"step {step}", step, elapsed[step] / 60, scored["snapshots"]["tracking"][split][label],
+                              scored["snapshots"]["splits"][split][label], base_exact))
     return rows
+
+
+def tuned_row(model: str, step: int, minutes: float, tracking: dict, exact: dict, base_exact: dict) -> dict:
+    """One fine-tuned model's row: the curve metrics and the calibration targets it missed."""
+    missed = missed_targets(tracking, exact, base_exact)
+    return {"model": model, "step": step, "minutes": minutes, **row_metrics(tracking, exact),
+            "missed": missed, "targets_missed": len(missed)}
 
 
 def reference_row(label: str, run_dir: Path) -> dict:
@@ -137,11 +141,8 @@ def reference_row(label: str, run_dir: Path) -> dict:
     split = "test_within_range"
     ev = json.loads((run_dir / "eval.json").read_text())["splits"][split]
     summary = json.loads((run_dir / "summary.json").read_text())
-    row = {"model": label, "step": summary["steps"], "minutes": summary["train_time_s"] / 60, "reference": str(run_dir),
-           **row_metrics(ev["finetuned_tracking"], ev["finetuned"])}
-    row["missed"] = missed_targets(ev["finetuned_tracking"], ev["finetuned"], ev["base"])
-    row["targets_missed"] = len(row["missed"])
-    return row
+    return {**tuned_row(label, summary["steps"], summary["train_time_s"] / 60, ev["finetuned_tracking"], ev["finetuned"],
+                        ev["base"]), "reference": str(run_dir)}
 
 
 def row_metrics(tracking: dict, exact: dict) -> dict:
