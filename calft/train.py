@@ -493,6 +493,11 @@ def trainable_state() -> dict:
     return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
 
 
+def adapter_state(trainable: dict) -> dict:
+    """Trainable tensors under PEFT's adapter names (the objective wraps the model as `model.`)."""
+    return {k.removeprefix("model."): v.detach().cpu() for k, v in trainable.items()}
+
+
 def save_checkpoint(step: int):
     """Collective under FSDP (every rank gathers), then rank 0 writes ckpt_dir atomically."""
     lora = trainable_state()
@@ -509,7 +514,7 @@ def save_checkpoint(step: int):
             "train_time_s": elapsed_before + time.time() - t_start, "tokens": tokens_before + tokens_seen,
             "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(),
             "world_size": world_size, "rng": rng_json, "optimizer": optim_json}
-    adapter = {k.removeprefix("model."): v for k, v in lora.items()}
+    adapter = adapter_state(lora)
     try:
         checkpoint.save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
                         meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
@@ -519,7 +524,7 @@ def save_checkpoint(step: int):
 
 def save_snapshot(step: int):
     """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
-    adapter = {k.removeprefix("model."): v.detach().cpu() for k, v in trainable_state().items()}
+    adapter = adapter_state(trainable_state())
     if not master:
         return  # under FSDP every rank took part in gathering the state
     checkpoint.record_files(out_dir, ["snapshots"])
@@ -706,8 +711,7 @@ if exit_code or step < max_steps:
 if master:  # the run marker lists every file written here (--overwrite deletes only those)
     card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
     checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
-    model.save_pretrained(out_dir, state_dict={k.removeprefix("model."): v.detach().cpu()
-                                               for k, v in trainable_state().items()})
+    model.save_pretrained(out_dir, state_dict=adapter_state(trainable_state()))
     checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
 elif cfg.fsdp:
     trainable_state()  # collective: every rank takes part
