@@ -1,4 +1,9 @@
-"""Build script: compiles csrc/ into calft._trie and installs kernels/ as calft.kernels."""
+"""Build script: compiles csrc/ into calft._trie and installs kernels/ as calft.kernels.
+
+kernels/ has no __init__.py on purpose: a regular package named `kernels` at the repository root
+would shadow Hugging Face's `kernels` package (which transformers imports) whenever Python runs
+from the root. In a checkout, calft/kernels is a symbolic link to ../kernels, so `calft.kernels`
+imports there as a namespace package (editable installs too); a wheel copies the files in."""
 import re
 from pathlib import Path
 
@@ -22,9 +27,9 @@ ext_modules = [
 
 setup(
     version=VERSION,
-    packages=["calft", "calft.kernels"],
+    packages=["calft", "calft.kernels", "calft.prompt_sets"],
     package_dir={"calft": "calft", "calft.kernels": "kernels"},
-    package_data={"calft": ["prompt_sets/*.json"]},
+    package_data={"calft.prompt_sets": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -51,7 +51,6 @@ stage() {  # stage <name> <seconds> <command...>: run with a time limit, log, re
 
 stage install 120 bash -c "$PY -m pip install --no-deps --no-build-isolation -e . || $PY setup.py build_ext --inplace"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import calft.kernels" 2>/dev/null || ln -sfn ../kernels calft/kernels  # source checkout fallback
 stage kernel_tests 150 env TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_gpu.py tests/test_kernels.py -m gpu
 stage kernels_bench 180 env TRITON_INTERPRET=0 "$PY" benchmarks/kernels.py --device cuda --shapes issue10 \

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as `calft.kernels`. One kernel family per file."""
