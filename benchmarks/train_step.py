@@ -52,7 +52,7 @@ def qwen3_0p6b_random(dtype, device):
     return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).to(device)
 
 
-def make_setup(model_name: str, device: str, batch_prompts: int = 8):
+def make_setup(model_name: str, device: str, batch_prompts: int = 8, tokenizer: str = ""):
     """The shared factory: model with LoRA, optimizer, and one soft-target batch of 8 prompts."""
     from calft.batching import build_batch, epoch_plan
     from calft.data import DataSettings, prepare_prompts
@@ -60,8 +60,9 @@ def make_setup(model_name: str, device: str, batch_prompts: int = 8):
     from calft.splits import get_split
 
     random_qwen3 = model_name == QWEN3_RANDOM
-    tok = load_tokenizer("smollm2-135m-instruct" if random_qwen3 else model_name)
-    specs = get_split("train", max_specs=1)[:batch_prompts]  # one prompt each of 8 families
+    tok = load_tokenizer(tokenizer or ("smollm2-135m-instruct" if random_qwen3 else model_name))
+    # one prompt each of the first families; a prompt more per family for every 24 asked
+    specs = get_split("train", max_specs=-(-batch_prompts // 24))[:batch_prompts]
     prompts = prepare_prompts(tok, specs, DataSettings(num_decimals=5, max_bins=1001), progress=False)
     batch = build_batch(prompts, epoch_plan(prompts, seed=0, epoch=0), mode="soft", pad_id=tok.pad_token_id,
                         eos_id=tok.eos_token_id, global_batch=len(prompts)).to(device)
@@ -88,11 +89,12 @@ def usual_loss(model, batch):
     return loss
 
 
-def worker(variant: str, model_name: str, device: str, repeats: int) -> dict:
+def worker(variant: str, model_name: str, device: str, repeats: int, batch_prompts: int = 8,
+           tokenizer: str = "") -> dict:
     """Time `repeats` full steps (forward, backward, AdamW) after one warm-up step."""
     from calft.batching import SparseKLLoss
 
-    model, opt, batch = make_setup(model_name, device)
+    model, opt, batch = make_setup(model_name, device, batch_prompts, tokenizer)
     objective = SparseKLLoss(model, autocast_dtype=torch.bfloat16 if device == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -147,13 +149,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="measured steps per variant (after 1 warm-up)")
     ap.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu (+ cuda if present)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker; 0 = torch's default")
+    ap.add_argument("--batch-prompts", type=int, default=8, help="prompts in the batch (one sampled answer each)")
+    ap.add_argument("--tokenizer", default="", help="tokenizer dir for the batch ('' = the model's; the embedded "
+                    f"SmolLM2's for {QWEN3_RANDOM})")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         if args.threads:
             torch.set_num_threads(args.threads)
         variant, device = args.worker.split(":")
-        print(json.dumps(worker(variant, args.model, device, args.repeats)))
+        print(json.dumps(worker(variant, args.model, device, args.repeats, args.batch_prompts, args.tokenizer)))
         return
     devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
         else args.devices.split(",")
@@ -161,7 +166,8 @@ def main():
     for device in devices:
         for variant in ("calft", "usual"):
             cmd = [sys.executable, "-m", "benchmarks.train_step", "--model", args.model, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads), "--worker", f"{variant}:{device}"]
+                   "--threads", str(args.threads), "--batch-prompts", str(args.batch_prompts),
+                   "--tokenizer", args.tokenizer, "--worker", f"{variant}:{device}"]
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode:
@@ -180,7 +186,8 @@ def main():
           f"{first['trained_positions']} trained positions, {first['target_entries']} target entries, V={first['vocab']}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for device in devices:
-        path = args.out_dir / f"train_step_{device}.json"
+        suffix = "" if args.batch_prompts == 8 else f"_b{args.batch_prompts}"
+        path = args.out_dir / f"train_step_{device}{suffix}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"benchmark": "train_step", "threads": args.threads or torch.get_num_threads(),
                                    "results": [r for r in results if r["device"] == device]}, indent=2))
