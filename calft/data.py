@@ -175,9 +175,11 @@ def cache_key(tokenizer, specs: Sequence[PromptSpec], settings: DataSettings) ->
     # What the prompts render to (a probe prompt, answer prefix included) and what ends answers:
     # were anything render-time (a date) to leak into prompts, the key would change with it
     # instead of serving stale prompt ids.
-    from calft.prompts import answer_format, render_chat
+    from calft.prompts import answer_format, reasoning_effort, render_chat
 
     h.update(json.dumps([render_chat(tokenizer, "probe"), list(answer_format(tokenizer).terminator_ids)]).encode())
+    if "reasoning_effort" in str(getattr(tokenizer, "chat_template", None)):
+        h.update(f"reasoning_effort={reasoning_effort()}".encode())  # also visible in the probe render
     h.update(json.dumps(asdict(settings)).encode())
     h.update(json.dumps([[s.family_id, [[k, v] for k, v in s.params]] for s in specs]).encode())
     return h.hexdigest()[:32]

@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from calft.evaluate import SUMMARY_METRICS, evaluate_exact, format_comparison_table, format_number, summarize  # noqa: E402,E501
-from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft  # noqa: E402
+from calft.prompts import set_reasoning_effort  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
 from calft.tracking import format_tracking_table, sample_tracking, summarize_tracking  # noqa: E402
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on prompts per family (evenly subsampled; default: the split's own cap)")
     g.add_argument("--num-decimals", type=int, default=2, help="decimals of continuous answers")
     g.add_argument("--max-bins", type=int, default=1001, help="support strings per prompt, at most")
+    g.add_argument("--reasoning-effort", default="low", choices=("low", "medium", "high"),
+                   help="what a chat template with a reasoning_effort variable (gpt-oss) renders; use the "
+                        "value the adapter was trained with (calft.train's default and the paper's: low)")
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", default="exact", choices=METRIC_CHOICES, help="exact trie scoring, sampling, or both")
     g.add_argument("--num-samples", type=int, default=1000, help="samples per prompt (sampling metrics)")
@@ -129,7 +133,8 @@ def check_adapters(args, labels) -> None:
             base = load_model(args.model, device="cpu")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                PeftModel.from_pretrained(base, adapter)
+                with quiet_peft():
+                    PeftModel.from_pretrained(base, adapter)
             for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
                 text = str(w.message)
                 if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
@@ -162,7 +167,8 @@ def load_for_eval(args, adapter: str | None):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).eval()
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter).eval()
     return model
 
 
@@ -271,6 +277,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     check_args(args)
     labels = model_labels(args)  # checks the adapter dirs before any slow work
+    set_reasoning_effort(args.reasoning_effort)
     tokenizer = load_tokenizer(args.model)
     check_adapters(args, labels)
     out_dir = Path(args.output_dir)

@@ -8,6 +8,7 @@ checkpoint (safetensors + tokenizer files) under the calft cache, so later loads
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,17 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # PEFT's own option: every linear layer but the output head. Names like gate_proj/up_proj are not
 # universal (a MoE's experts are fused parameters, gpt-oss has none of them).
 DEFAULT_LORA_TARGETS = "all-linear"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Around PEFT's wrapping calls (get_peft_model, PeftModel.from_pretrained). PEFT (through
+    0.21) reads `model.is_gradient_checkpointing`, a property transformers 5.25 deprecated in favour
+    of `is_activation_checkpointing`, so each call prints a FutureWarning that is neither calft's
+    nor the user's to act on. Only that message is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def cache_root() -> Path:
@@ -255,7 +267,8 @@ def add_lora(
             f"linear layer names in this model include {sorted(n for n in names if n.endswith('proj'))}"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()

@@ -102,9 +102,32 @@ def fixed_date_template(template: str) -> str:
     return _STRFTIME_CALL.sub(lambda m: json.dumps(FIXED_DATE.strftime(m.group(2))), template)
 
 
+# gpt-oss's harmony template writes "Reasoning: <effort>" into its system message (its default is
+# "medium"); the paper's artifact renders every gpt-oss prompt with reasoning_effort="low".
+REASONING_EFFORTS = ("low", "medium", "high")
+DEFAULT_REASONING_EFFORT = "low"
+_reasoning_effort = DEFAULT_REASONING_EFFORT
+
+
+def set_reasoning_effort(effort: str) -> None:
+    """The reasoning effort that templates with a `reasoning_effort` variable (gpt-oss) render,
+    for every prompt of this process (training, scoring, sampling and the data cache key)."""
+    global _reasoning_effort
+    if effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
+    _reasoning_effort = effort
+
+
+def reasoning_effort() -> str:
+    return _reasoning_effort
+
+
 def template_kwargs(template: str) -> dict:
-    """Extra variables for rendering: thinking off where the template has the switch, a fixed date."""
+    """Extra variables for rendering: thinking off where the template has the switch, a fixed date,
+    the reasoning effort where the template reads one (gpt-oss)."""
     kwargs = {}
+    if "reasoning_effort" in template:
+        kwargs["reasoning_effort"] = _reasoning_effort
     if "date_string" in template:
         kwargs["date_string"] = FIXED_DATE.strftime("%d %b %Y")
     if "enable_thinking" in template:

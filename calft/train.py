@@ -73,6 +73,9 @@ def knob(default, help, choices=None):
 class TrainConfig:
     # model
     model: str = knob(DEFAULT_MODEL, "HF model id, local directory, or the embedded alias")
+    reasoning_effort: str = knob("low", "what a chat template with a reasoning_effort variable (gpt-oss's "
+                                 "harmony) renders in its system message; the paper's artifact uses low",
+                                 ("low", "medium", "high"))
     recipe: str = knob("quick", "sets the defaults of the other flags (SPEC.md section 7); flags "
                        "given explicitly override it", ("quick", "long", "paper-soft", "paper-hard"))
     mode: str = knob("soft", "soft = trie targets along sampled strings; hard = cross-entropy on "
@@ -239,7 +242,7 @@ from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_p
                             global_num_positions, micro_batches, step_items, steps_per_epoch)
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
-from calft.prompts import terminator_ids  # noqa: E402
+from calft.prompts import set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.models import check_model_files  # noqa: E402
 from calft.support import _MAX_DECIMALS  # noqa: E402
 
@@ -307,6 +310,7 @@ try:
         if get_family(fam).held_out and cfg.train_split == "train":
             raise ValueError(f"family {fam!r} is held out (SPEC.md section 2): it is never trained on")
     check_config(cfg)
+    set_reasoning_effort(cfg.reasoning_effort)  # before any prompt is rendered
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
 except ValueError as err:

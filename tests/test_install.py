@@ -52,3 +52,21 @@ def test_kernels_folder_does_not_shadow_hf_kernels_from_repo_root(tmp_path):
 def test_calft_kernels_importable_from_elsewhere(tmp_path):
     out = run_probe(["-c", PROBE], tmp_path)
     assert out["sparse_kl"].endswith("sparse_kl.py")
+
+
+def test_lora_wrapping_and_adapter_loading_print_no_deprecation_warning(tiny_model_dir, tmp_path):
+    """transformers 5.25 deprecated a property that PEFT reads whenever it wraps a model: the main
+    job must not print that FutureWarning (nor any other deprecation) on the newest versions."""
+    import warnings
+
+    from peft import PeftModel
+
+    from calft.models import add_lora, load_model, quiet_peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        model = add_lora(load_model(str(tiny_model_dir)), dropout=0.0)
+        model.save_pretrained(str(tmp_path / "adapter"))
+        with quiet_peft():
+            PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(tmp_path / "adapter"))

