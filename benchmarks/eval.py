@@ -67,7 +67,7 @@ def calft_tree(model, prompt, answers, trie, eos, *, chunk_size: int, **_):
 @torch.no_grad()
 def shared_prompt(model, prompt, answers, trie, eos, *, batch_size: int, **_):
     """Prompt KV cache repeated to B rows; each row feeds its whole answer + EOS (right-padded)."""
-    from calft.sampling import cache_kwarg, new_cache
+    from calft.models import cache_kwarg, new_cache
 
     device = next(model.parameters()).device
     ckw = cache_kwarg(model)

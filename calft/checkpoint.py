@@ -1,4 +1,5 @@
-"""Run directories and checkpoints: ownership marker, locks, atomic save, rotation, recovery.
+"""Run directories and checkpoints: ownership marker, claiming a run directory, atomic save,
+rotation, recovery, metrics truncation on resume (locks and atomic writes: calft.fileio).
 
 A run directory (--output-dir) belongs to calft when it holds RUN_MARKER, a JSON file calft
 writes when a run starts and which lists every file the run wrote there. `--overwrite` deletes
@@ -23,18 +24,19 @@ wins; otherwise a complete .checkpoint.old/ is moved back; temp folders are remo
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from calft.fileio import file_lock, hold_lock, release_locks, write_atomic  # noqa: F401 (re-exported)
 
 RUN_MARKER = ".calft-run.json"
 LOCK_NAME = ".calft.lock"  # flock'ed by the process that trains in the directory
@@ -45,48 +47,6 @@ FORMAT = 2  # 1 = the pickled state.pt of calft <= 0.1 (no longer read)
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written (disk full, permissions) or read (damaged)."""
-
-
-# ---- locks -------------------------------------------------------------------------------------
-@contextmanager
-def file_lock(path: Path, blocking: bool = True):
-    """Exclusive advisory lock (fcntl.flock) on `path`, created if needed; yields True once held
-    (blocking=False: yields False at once when another process holds it). Released when the block
-    ends or the process dies (the kernel drops the flocks of dead processes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # closing the only descriptor releases the lock
-
-
-_HELD: dict[str, int] = {}  # path -> fd of the locks taken by hold_lock
-
-
-def hold_lock(path: Path) -> bool:
-    """Take the lock on `path` without waiting and keep it until release_locks() or the end of
-    the process. False when another process (or open file) holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    _HELD[str(path)] = fd
-    return True
-
-
-def release_locks() -> None:
-    """Release every lock taken by hold_lock (a script run in-process, e.g. by runpy, ends)."""
-    while _HELD:
-        os.close(_HELD.popitem()[1])
 
 
 # ---- run marker ----------------------------------------------------------------------------------
@@ -103,9 +63,7 @@ def record_files(out_dir: Path, names) -> None:
     path = Path(out_dir) / RUN_MARKER
     files = set(json.loads(path.read_text())["files"]) if path.is_file() else set()
     files |= {str(n) for n in names}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
 
 
 def remove_run(out_dir: Path) -> None:
@@ -124,6 +82,75 @@ def remove_run(out_dir: Path) -> None:
     for d in [out_dir / CKPT, out_dir / OLD, *out_dir.glob(TMP_PREFIX + "*")]:
         shutil.rmtree(d, ignore_errors=True)
     (out_dir / RUN_MARKER).unlink()
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be claimed: the message says why and what to do."""
+
+
+def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
+                  prog: str = "calft.train") -> None:
+    """Make `out_dir` this process's run directory, or raise RunDirError (nothing changed).
+
+    Only a directory calft started a run in (its marker) is reused, resumed or overwritten; one
+    process at a time (an flock held until release_locks() or exit). A run with the same
+    config (fields outside `run_only_fields`) is resumed with `resume`, replaced with
+    `overwrite` (only the files it wrote are deleted), refused otherwise. Writes config.json.
+    """
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+    train_fields = {k: v for k, v in config.items() if k not in run_only_fields}
+    if out_dir.is_dir() and not is_run(out_dir) and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise RunDirError(f"{out_dir} is not empty and holds no calft run (no {RUN_MARKER}): choose "
+                          "another --output-dir, or an empty or new one")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        locked = hold_lock(out_dir / LOCK_NAME)  # held until the process ends
+    except OSError as err:
+        raise RunDirError(f"cannot write to --output-dir {out_dir}: {err.strerror or err}") from None
+    if not locked:
+        raise RunDirError(f"another {prog} process is running in {out_dir} (it holds "
+                          f"{out_dir / LOCK_NAME}): wait for it to finish, or choose another --output-dir")
+    if is_run(out_dir):
+        try:
+            old = json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        old = {k: v for k, v in old.items() if k not in run_only_fields}
+        if overwrite:
+            remove_run(out_dir)  # only the files calft wrote
+        elif old != train_fields:
+            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
+                    if old.get(k) != train_fields.get(k)}
+            raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
+                              "--overwrite to replace it or choose another --output-dir")
+        elif not resume:
+            raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "
+                              "--overwrite to start over")
+        elif recover(out_dir) is None and metrics_path.exists():
+            print(f"{prog}: warning: {out_dir} has no checkpoint (the run stopped before its "
+                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
+    elif resume:
+        print(f"{prog}: warning: no run in {out_dir} yet: --resume starts a new one",
+              file=sys.stderr, flush=True)
+    record_files(out_dir, ["config.json", "metrics.jsonl"])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (steps logged after the checkpoint a run
+    resumes from are redone) and drop a torn last line."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.exists():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
 
 # ---- rotation ------------------------------------------------------------------------------------

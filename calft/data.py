@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 import calft
+from calft.fileio import atomic_write, file_lock
 from calft.splits import PromptSpec, get_split
 from calft.support import Support, build_support
 from calft.trie import Trie, build_tries_arrays, split_tries
@@ -211,8 +212,6 @@ def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettin
         return []
     if cache_dir is False:
         return _unpack(_build(tokenizer, specs, settings, progress=progress, full_check=full_check), specs)
-    from calft.checkpoint import file_lock
-
     folder = Path(default_cache_dir() if cache_dir is None else cache_dir)
     path = folder / f"{cache_key(tokenizer, specs, settings)}.safetensors"
     vocab_size = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
@@ -795,18 +794,10 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     header["__metadata__"] = {"calft": meta, "sha256": _digest(memoryview(arrays[k]).cast("B") for k in names)}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
-            for k in names:
-                f.write(memoryview(arrays[k]).cast("B"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for k in names:
+            f.write(memoryview(arrays[k]).cast("B"))
 
 
 def _digest(chunks) -> str:

@@ -32,7 +32,7 @@ import torch
 from scipy import stats
 
 from calft.families import get_family
-from calft.models import unwrap
+from calft.models import cache_kwarg, new_cache
 
 # SPEC.md section 8: the whole output (after stripping think blocks) must be this one number.
 # re.ASCII: only 0-9 count as digits (Python's float() would also accept e.g. Arabic-Indic digits).
@@ -189,25 +189,6 @@ def sample_seeds(seed: int, prompt_key: str, num_samples: int) -> list[np.random
     """One SeedSequence per sample, from (seed, crc32(prompt_key), sample index)."""
     key = zlib.crc32(prompt_key.encode("utf-8"))
     return [np.random.SeedSequence([int(seed), key, j]) for j in range(num_samples)]
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of model.forward: recent transformers (5.x) renamed
-    `past_key_values` to `cache` (the old name is deprecated, then removed)."""
-    import inspect
-
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def new_cache(model):
-    """An empty DynamicCache for `model` (through PEFT wrappers)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=unwrap(model).config)
-    except TypeError:  # older transformers: no config argument
-        return DynamicCache()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

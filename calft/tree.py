@@ -35,8 +35,7 @@ import copy
 import numpy as np
 import torch
 
-from calft.models import decoder, unwrap
-from calft.sampling import cache_kwarg
+from calft.models import cache_kwarg, decoder, unwrap
 
 TREE_ATTENTION = ("eager", "sdpa")  # attention backends that honour a custom 4D float mask
 LOGIT_ROWS = 256  # LM-head rows per step: bounds the [R, V] logits buffer (V=152k -> 150 MB fp32)
