@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 from calft.evaluate import sequence_log_probs_ref  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids  # noqa: E402
+from calft.prompts import prompt_text, prompt_token_ids  # noqa: E402
+from calft.tokenization import answer_token_ids  # noqa: E402
 from calft.support import build_support  # noqa: E402
 from calft.tree import node_log_mass, score_trie  # noqa: E402
 from calft.trie import build_trie  # noqa: E402

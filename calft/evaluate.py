@@ -40,7 +40,8 @@ MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
 
 def _answer_trie(tokenizer, values, rendered_prompt: str):
     """Trie over the canonical in-context tokens of `values` + the template's terminator."""
-    from calft.prompts import answer_token_ids, terminator_ids
+    from calft.prompts import terminator_ids
+    from calft.tokenization import answer_token_ids
 
     answers = answer_token_ids(tokenizer, list(values), rendered_prompt)
     return _terminated_trie(answers, terminator_ids(tokenizer))

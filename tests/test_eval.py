@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from calft import evaluate as ev
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids
+from calft.prompts import prompt_text, prompt_token_ids
+from calft.tokenization import answer_token_ids
 from calft.support import build_support
 
 

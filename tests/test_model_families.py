@@ -17,7 +17,8 @@ from calft.batching import SparseKLLoss, build_batch, build_tree_batch, epoch_pl
 from calft.data import DataSettings, prepare_prompts
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import add_lora
-from calft.prompts import FIXED_DATE, answer_format, answer_token_ids, render_chat
+from calft.prompts import FIXED_DATE, answer_format, render_chat
+from calft.tokenization import answer_token_ids
 from calft.sampling import generate_samples, stop_token_ids
 from calft.splits import PromptSpec
 
@@ -220,13 +221,13 @@ def test_batch_with_a_999_way_node():
 def test_digit_isolated_vocabularies_take_the_fast_paths(name):
     """No BPE merge joins a digit to anything in these vocabularies: the skeleton-template path
     tokenizes "\\n" + value for Phi-3 (its normalizer prepends "▁") exactly like the tokenizer."""
-    import calft.data as data
+    import calft.fast_tokenization as fast
     from calft.support import build_support
 
     tok = load_family_tokenizer(name)
     backend = tok.backend_tokenizer
-    assert data._digits_isolated(backend) is not None
+    assert fast.digits_isolated(backend) is not None
     texts = ["\n" + v for v in build_support("gaussian", {"mu": -3.5, "sigma": 20}, num_decimals=5).values]
-    flat, offsets = data._template_tokenize(tok, backend, texts)
+    flat, offsets = fast._template_tokenize(tok, backend, texts)
     assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == \
         tok(texts, add_special_tokens=False)["input_ids"]

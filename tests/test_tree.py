@@ -22,7 +22,8 @@ from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, tree_ro
                             trie_row_weights)
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import lm_head_weight
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids
+from calft.prompts import prompt_text, prompt_token_ids
+from calft.tokenization import answer_token_ids
 from calft.support import build_support
 from calft.tree import score_trie
 from calft.trie import build_trie
