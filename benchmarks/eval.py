@@ -11,7 +11,7 @@ Methods, all returning log m(s + EOS | prompt) for every support string s:
                    tokens fed in full (right-padded); forward tokens = P + sum_s (|s| + 1).
 - brute_batched:   padded batches of prompt + string + EOS, no cache (a typical HF scorer);
                    forward tokens = sum_s (P + |s| + 1).
-- brute_loop:      calft.evaluate.sequence_log_probs_ref (the tests' oracle): one full forward per
+- brute_loop:      calft.scoring.sequence_log_probs_ref (the tests' oracle): one full forward per
                    string; same tokens as brute_batched, no padding.
 Every method is checked against brute_loop (max |diff| of log m), timed (median of --repeats after
 one warm-up for the fast methods), and written to benchmarks/results/eval_<device>.json.
@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calft.evaluate import sequence_log_probs_ref  # noqa: E402
+from calft.scoring import sequence_log_probs_ref  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from calft.prompts import prompt_text, prompt_token_ids  # noqa: E402
 from calft.tokenization import answer_token_ids  # noqa: E402

@@ -59,7 +59,7 @@ import numpy as np
 from calft.families import LightFrozen, get_family
 
 TAIL_POLICIES = ("clip_to_edge_bin", "renormalize")
-_MAX_DECIMALS = 15  # beyond this 10^d * x cannot hold the exact integer k in float64
+MAX_DECIMALS = 15  # beyond this 10^d * x cannot hold the exact integer k in float64
 
 
 @dataclass
@@ -111,8 +111,8 @@ def _check_settings(num_decimals, max_bins, quantile_low, quantile_high, tail_po
     def is_int(x):
         return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
-    if not is_int(num_decimals) or not 0 <= num_decimals <= _MAX_DECIMALS:
-        raise ValueError(f"num_decimals must be an integer in [0, {_MAX_DECIMALS}], got {num_decimals!r}")
+    if not is_int(num_decimals) or not 0 <= num_decimals <= MAX_DECIMALS:
+        raise ValueError(f"num_decimals must be an integer in [0, {MAX_DECIMALS}], got {num_decimals!r}")
     if not is_int(max_bins) or max_bins < 1:
         raise ValueError(f"max_bins must be an integer >= 1, got {max_bins!r}")
     for name, q in (("quantile_low", quantile_low), ("quantile_high", quantile_high)):

@@ -34,7 +34,6 @@ global batch, and the loss weights are normalized by the global batch, so N proc
 same steps as one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
 """
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -45,7 +44,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +53,32 @@ import numpy as np
 # passive wait costs nothing when the machine is idle. Must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-import torch.distributed as dist
-from tqdm import tqdm
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from calft import checkpoint
-from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer
-from calft.splits import SPLITS, get_split
+from calft import checkpoint  # noqa: E402
+from calft.batching import (build_batch, build_tree_batch, epoch_plan, global_num_positions,  # noqa: E402
+                            micro_batches, step_items, steps_per_epoch)
+from calft.cli import add_flags, comma_list, knob  # noqa: E402
+from calft.data import DataSettings, prepare_prompts  # noqa: E402
+from calft.families import get_family  # noqa: E402
+from calft.models import DEFAULT_MODEL, add_lora, check_model_files, decoder, load_model, load_tokenizer  # noqa: E402
+from calft.plots import plot_tracking  # noqa: E402
+from calft.prompts import terminator_ids  # noqa: E402
+from calft.report import HEADLINE_METRICS, format_comparison_table, format_split_summary, format_tracking_table  # noqa: E402,E501
+from calft.scoring import evaluate_models, without_adapter  # noqa: E402
+from calft.splits import SPLITS, get_split  # noqa: E402
+from calft.support import MAX_DECIMALS  # noqa: E402
+from calft.tracking import missed_targets  # noqa: E402
+from calft.tree import SoftTargetKLLoss  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
-# config: every knob is a TrainConfig field and a CLI flag (--field-name); --recipe sets defaults
-
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
+# config: every knob is a TrainConfig field and a CLI flag (--field-name, calft.cli); --recipe sets defaults
 
 @dataclass
 class TrainConfig:
@@ -194,20 +205,8 @@ def parse_config(argv=None) -> TrainConfig:
     """Flags from the dataclass fields; recipe defaults first, then explicit flags."""
     parser = argparse.ArgumentParser(prog="python -m calft.train", description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
-    group = parser
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in FLAG_GROUPS:
-            group = parser.add_argument_group(FLAG_GROUPS[f.name])
-        per_recipe = ", ".join(f"{r}: {d[f.name]}" for r, d in RECIPES.items() if f.name in d)
-        help = f"{f.metadata['help']} (default: {f.default!r}{'; ' + per_recipe if per_recipe else ''})"
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            choices = f.metadata["choices"]
-            group.add_argument(flag, type=typ, choices=choices, help=help,
-                               metavar="{" + ",".join(choices) + "}" if choices else typ.__name__.upper())
+    add_flags(parser, TrainConfig, FLAG_GROUPS, extra_help=lambda name: ", ".join(
+        f"{r}: {d[name]}" for r, d in RECIPES.items() if name in d))
     given = vars(parser.parse_args(argv))
     recipe = dict(RECIPES[given.get("recipe", TrainConfig.recipe)])
     if given.get("mode", recipe.get("mode")) != recipe.get("mode"):
@@ -235,15 +234,6 @@ def fail(message: str, status: int = 2):
 # ------------------------------------------------------------------------------------------------
 # setup: validate everything cheap first, then processes, device, seeds, output dir
 
-from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_plan,  # noqa: E402
-                            global_num_positions, micro_batches, step_items, steps_per_epoch)
-from calft.data import DataSettings, prepare_prompts  # noqa: E402
-from calft.families import get_family  # noqa: E402
-from calft.prompts import terminator_ids  # noqa: E402
-from calft.models import check_model_files  # noqa: E402
-from calft.support import _MAX_DECIMALS  # noqa: E402
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Every flag, before any work (ValueError naming the flag); sentinels are -1."""
     def flag(key):
@@ -257,17 +247,17 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, key) < 1 and getattr(cfg, key) != -1:
             raise ValueError(f"{flag(key)} must be >= 1, or -1 (the sentinel), got {getattr(cfg, key)}")
     for key in ("num_decimals", "eval_decimals"):
-        if not 0 <= getattr(cfg, key) <= _MAX_DECIMALS:
-            raise ValueError(f"{flag(key)} must be in [0, {_MAX_DECIMALS}], got {getattr(cfg, key)}")
+        if not 0 <= getattr(cfg, key) <= MAX_DECIMALS:
+            raise ValueError(f"{flag(key)} must be in [0, {MAX_DECIMALS}], got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
-    for split in cfg.eval_split.split(","):
+    for split in cfg.eval_split.split(","):  # an empty item is an error here too
         if split.strip() not in SPLITS:
             raise ValueError(f"--eval-split: unknown split {split.strip()!r}; known: {', '.join(SPLITS)}")
     try:
-        snapshots = [int(x) for x in cfg.snapshot_steps.split(",") if x.strip()]
+        snapshots = [int(x) for x in comma_list(cfg.snapshot_steps)]
     except ValueError:
         raise ValueError(f"--snapshot-steps must be comma-separated step numbers, got {cfg.snapshot_steps!r}") from None
     if any(s < 1 for s in snapshots):
@@ -302,7 +292,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 try:
-    families = [s.strip() for s in cfg.families.split(",") if s.strip()] or None
+    families = comma_list(cfg.families) or None
     for fam in families or ():
         if get_family(fam).held_out and cfg.train_split == "train":
             raise ValueError(f"family {fam!r} is held out (SPEC.md section 2): it is never trained on")
@@ -335,49 +325,16 @@ grad_accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
 # bf16 autocast on CUDA (LoRA weights and the loss stay fp32); plain fp32 on CPU
 autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
-# The run directory: only a directory calft started a run in (its marker, calft.checkpoint) is
-# reused, resumed or overwritten; one process at a time (an flock held until exit).
+# The run directory (calft.checkpoint.claim_run_dir): only a directory calft started a run in (its
+# marker) is reused, resumed or overwritten; one process at a time (an flock held until exit).
 out_dir = Path(cfg.output_dir)
 ckpt_dir = out_dir / checkpoint.CKPT
 metrics_path = out_dir / "metrics.jsonl"
-train_fields = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
 if master:
-    if out_dir.is_dir() and not checkpoint.is_run(out_dir) and \
-            any(p.name != checkpoint.LOCK_NAME for p in out_dir.iterdir()):
-        fail(f"{out_dir} is not empty and holds no calft run (no {checkpoint.RUN_MARKER}): choose "
-             "another --output-dir, or an empty or new one")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        locked = checkpoint.hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until the script ends
-    except OSError as err:
-        fail(f"cannot write to --output-dir {out_dir}: {err.strerror or err}")
-    if not locked:
-        fail(f"another calft.train process is running in {out_dir} (it holds "
-             f"{out_dir / checkpoint.LOCK_NAME}): wait for it to finish, or choose another --output-dir")
-    if checkpoint.is_run(out_dir):
-        try:
-            old = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        old = {k: v for k, v in old.items() if k not in RUN_ONLY_FIELDS}
-        if cfg.overwrite:
-            checkpoint.remove_run(out_dir)  # only the files calft wrote
-        elif old != train_fields:
-            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
-                    if old.get(k) != train_fields.get(k)}
-            fail(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
-                 "--overwrite to replace it or choose another --output-dir")
-        elif not cfg.resume:
-            fail(f"{out_dir} already holds this run: pass --resume to continue it or --overwrite "
-                 "to start over")
-        elif checkpoint.recover(out_dir) is None and metrics_path.exists():
-            print(f"calft.train: warning: {out_dir} has no checkpoint (the run stopped before its "
-                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
-    elif cfg.resume:
-        print(f"calft.train: warning: no run in {out_dir} yet: --resume starts a new one",
-              file=sys.stderr, flush=True)
-    checkpoint.record_files(out_dir, ["config.json", "metrics.jsonl"])
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume, overwrite=cfg.overwrite)
+    except checkpoint.RunDirError as err:
+        fail(str(err))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}")
 if distributed:
@@ -412,7 +369,7 @@ try:
 except ValueError as err:
     fail(str(err))
 max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
-snapshot_steps = {int(x) for x in cfg.snapshot_steps.split(",") if x.strip()}
+snapshot_steps = {int(x) for x in comma_list(cfg.snapshot_steps)}
 if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set by --epochs
     print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
           f"reached: {sorted(s for s in snapshot_steps if s > max_steps)}", file=sys.stderr, flush=True)
@@ -434,15 +391,13 @@ if model.config.vocab_size < len(tokenizer):
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=("all-linear" if cfg.lora_targets.strip() == "all-linear" else
-                                     [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]))
+                                     comma_list(cfg.lora_targets)))
 except ValueError as err:
     fail(str(err))
 model.train()
-objective = SparseKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp)
+objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp)
 trainable = [p for p in objective.parameters() if p.requires_grad]
 if cfg.fsdp:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if autocast_dtype else MixedPrecisionPolicy()
     for layer in decoder(model).layers:  # one FSDP unit per transformer block, then the root
         fully_shard(layer, mp_policy=mp)
@@ -479,10 +434,6 @@ def get_lr(step: int) -> float:
 # ------------------------------------------------------------------------------------------------
 # checkpoints (calft/checkpoint.py): trainable tensors + optimizer + RNG states as safetensors,
 # the rest as JSON, written to a temp dir and rotated in; nothing is unpickled on --resume
-
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 trainable_names = {n for n, p in objective.named_parameters() if p.requires_grad}
@@ -564,15 +515,7 @@ if cfg.resume and ckpt_dir.exists():
             print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
                   f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
                   "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
-        if metrics_path.exists():  # drop steps logged after that checkpoint (redone) and a torn last line
-            kept = []
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        checkpoint.truncate_metrics(metrics_path, step)  # steps logged after that checkpoint are redone
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
@@ -724,45 +667,34 @@ summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_
 if cfg.eval and cfg.fsdp and master:
     print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter "
           "with python -m calft.eval")
-if cfg.eval and master and not cfg.fsdp:
-    from calft.evaluate import evaluate_exact, format_comparison_table, summarize
-    from calft.plots import plot_tracking
-    from calft.sampling import evaluate_sampling
-    from calft.tracking import format_tracking_table, missed_targets, sample_tracking, summarize_tracking
-
+if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft.eval's code path too
     eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
     model.eval()
-    t_eval, results = time.time(), {}
-    for split in [s.strip() for s in cfg.eval_split.split(",") if s.strip()]:
+    t_eval, results, eval_prompts = time.time(), {}, {}
+    for split in comma_list(cfg.eval_split):
         members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
                                max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
-        eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            with model.disable_adapter():
-                base_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-            tuned_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-            if cfg.eval_samples > 0:  # the fine-tuned model only: the base answers in prose (slow, ~0 valid)
-                sampled = evaluate_sampling(model, tokenizer, eval_prompts, num_samples=cfg.eval_samples,
-                                            seed=cfg.seed, progress=cfg.progress)
-                for row, prep, smp in zip(tuned_rows, eval_prompts, sampled):
-                    row.update(smp.metrics, **sample_tracking(prep.support, smp.values))
-        base_summary, tuned_summary = summarize(base_rows), summarize(tuned_rows)
-        base_track, tuned_track = summarize_tracking(base_rows), summarize_tracking(tuned_rows)
-        table = format_comparison_table({"base": base_summary, "fine-tuned": tuned_summary},
-                                        metrics=["support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm"])
-        tracking = format_tracking_table({"base": base_track, "fine-tuned": tuned_track})
+        eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+    # the fine-tuned model only is sampled: the base answers in prose (slow, ~0 valid)
+    scored = evaluate_models([("base", lambda: without_adapter(model)), ("fine-tuned", lambda: nullcontext(model))],
+                             tokenizer, eval_prompts, sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
+                             seed=cfg.seed, autocast=(device.type, autocast_dtype) if autocast_dtype else None,
+                             progress=cfg.progress)
+    for split, preps in eval_prompts.items():
+        base_summary, tuned_summary = scored["summaries"][split]["base"], scored["summaries"][split]["fine-tuned"]
+        base_track, tuned_track = scored["tracking"][split]["base"], scored["tracking"][split]["fine-tuned"]
+        base_rows, tuned_rows = scored["rows"][split, "base"], scored["rows"][split, "fine-tuned"]
         misses = missed_targets(tuned_track, tuned_summary, base_summary)
-        print(f"\n{split}: {len(eval_prompts)} prompts ({cfg.eval_decimals} decimals, {cfg.eval_bins} bins)\n"
-              f"does the model follow the parameters? (pooled over families; see calft/tracking.py)\n{tracking}\n"
-              f"exact metrics (family means):\n{table}\n"
-              + (f"targets missed: {'; '.join(misses)}" if misses else "all calibration targets met"))
+        print(format_split_summary(split, len(preps), cfg.eval_decimals, cfg.eval_bins, scored["summaries"][split],
+                                   scored["tracking"][split], misses))
         plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
                       title=f"{split}: model vs target mean and sd")
         results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
                           "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
         checkpoint.record_files(out_dir, [f"eval_table_{split}.md", f"tracking_{split}.png"])
-        (out_dir / f"eval_table_{split}.md").write_text(f"{tracking}\n\n{table}\n")
+        table = format_comparison_table(scored["summaries"][split], metrics=list(HEADLINE_METRICS))
+        (out_dir / f"eval_table_{split}.md").write_text(f"{format_tracking_table(scored['tracking'][split])}\n\n{table}\n")
     checkpoint.record_files(out_dir, ["eval.json"])
     (out_dir / "eval.json").write_text(json.dumps(
         {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))

@@ -315,7 +315,7 @@ def linear_sparse_kl_backward(hidden, weight, bias, row_ptr, token_ids, probs, l
     return d_h, d_w, d_b
 
 
-class LinearSparseKLFunction(torch.autograd.Function):
+class LinearSoftTargetKLFunction(torch.autograd.Function):
     """Autograd wrapper: per-row KL (1) of hidden @ weight^T (+ bias), fp32 [N]; backward (3).
 
     apply(hidden, weight, bias, row_ptr, token_ids, probs, tau, chunk_v)."""

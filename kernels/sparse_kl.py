@@ -247,7 +247,7 @@ def sparse_kl_backward(logits: torch.Tensor, row_ptr: torch.Tensor, token_ids: t
     return grad
 
 
-class SparseKLFunction(torch.autograd.Function):
+class SoftTargetKLFunction(torch.autograd.Function):
     """Autograd wrapper: per-row KL (1) of logits [N, V], fp32 [N]; backward (2).
 
     apply(logits, row_ptr, token_ids, probs, tau, inplace, block_v, num_splits). With

@@ -220,7 +220,7 @@ def test_summarize_weights_families_equally():
 
 
 def test_comparison_table():
-    t = ev.format_comparison_table({"base": {"seq_kl": 1.23456, "support_mass": 1.2e-4},
+    t = format_comparison_table({"base": {"seq_kl": 1.23456, "support_mass": 1.2e-4},
                                     "soft": {"seq_kl": 0.5, "support_mass": 0.93}})
     lines = t.splitlines()
     assert lines[0] == "| model | support_mass | seq_kl |"
