@@ -20,6 +20,13 @@ Saving writes a fresh `.checkpoint.tmp-*` folder and then rotates:
     checkpoint/ -> .checkpoint.old/,  tmp -> checkpoint/,  remove .checkpoint.old/
 A kill at any point leaves a state `recover` repairs on the next start: a complete checkpoint/
 wins; otherwise a complete .checkpoint.old/ is moved back; temp folders are removed.
+
+calft.train checkpoints every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after the
+current step) and on a non-finite loss; the data order is a pure function of (seed, epoch, step),
+so --resume continues with the same loss sequence as an uninterrupted run, bit for bit, on the
+same machine with the same number of CPU threads (float sums change with it: resuming with another
+count warns). Under torchrun, Ctrl-C reaches torchrun, which sends SIGTERM to the workers (and
+SIGKILL 30 s later: keep steps shorter than that).
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from calft.fileio import file_lock, hold_lock, release_locks, write_atomic  # noqa: F401 (re-exported)
 
@@ -296,3 +306,66 @@ def unpack_optimizer(js: dict, tensors: dict) -> dict:
                     for key, v in entry.items()} for name, entry in js["state"].items()}
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in js["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# ---- the training state of calft.train (objective = the model wrapped by SoftTargetKLLoss) ----------
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def trainable_state(objective, trainable_names) -> dict:
+    """Full (gathered) trainable tensors only: never the frozen base, tied LM head included.
+    Collective under FSDP: every rank calls it."""
+    return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
+
+
+def adapter_state(trainable: dict) -> dict:
+    """Trainable tensors under PEFT's adapter names (the objective wraps the model as `model.`)."""
+    return {k.removeprefix("model."): v.detach().cpu() for k, v in trainable.items()}
+
+
+def gather_training_state(objective, optimizer, trainable_names, *, with_cuda: bool, world_size: int = 1):
+    """(trainable tensors, full optimizer state, every rank's RNG states); collective when
+    world_size > 1 (every rank's generators: dropout draws differ by rank)."""
+    lora = trainable_state(objective, trainable_names)
+    optim = get_optimizer_state_dict(objective, optimizer, options=FULL)
+    rng = [rng_states(with_cuda)]
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, rng_states(with_cuda))
+    return lora, optim, rng
+
+
+def save_training_state(out_dir: Path, model, lora: dict, optim: dict, rng: list, meta: dict) -> Path:
+    """`save` of a training state: tensors as safetensors, the rest (meta, RNG, optimizer
+    hyperparameters) as JSON, the PEFT adapter alongside. CheckpointError when it cannot be written."""
+    rng_json, rng_tensors = pack_rng(rng)
+    optim_json, optim_tensors = pack_optimizer(optim)
+    adapter = adapter_state(lora)
+    return save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
+                {**meta, "rng": rng_json, "optimizer": optim_json},
+                write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+
+
+def load_training_state(ckpt: Path, objective, optimizer, trainable_names, rank: int, world_size: int):
+    """Load a checkpoint into `objective` and `optimizer`; (meta, this rank's RNG states).
+    CheckpointError (or KeyError / ValueError / RuntimeError) when it does not fit."""
+    tensors, state = load(ckpt)
+    lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    if set(lora) != trainable_names:
+        raise CheckpointError(f"{ckpt} holds {len(lora)} trainable tensors, but "
+                              f"this model has {len(trainable_names)} (or other names)")
+    set_model_state_dict(objective, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(objective, optimizer, unpack_optimizer(state["optimizer"], tensors),
+                             options=StateDictOptions(full_state_dict=True))
+    return state, unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
+
+
+def save_snapshot(out_dir: Path, model, adapter: dict, step: int) -> None:
+    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
+    record_files(out_dir, ["snapshots"])
+    final = Path(out_dir) / "snapshots" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=adapter)
+    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
+    os.replace(tmp, final)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from calft.plots import plot_tracking
 from calft.scoring import SUMMARY_METRICS
-from calft.tracking import SUMMARY_KEYS
+from calft.tracking import SUMMARY_KEYS, missed_targets
 
 
 def format_number(x) -> str:
@@ -128,3 +129,29 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
     lines += ["## Timing", "", markdown_table(["model", "split", "seconds"],
                                               [[m, s, f"{t:.1f}"] for (m, s), t in timings.items()])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_training_eval(out_dir: Path, scored: dict, prompts: dict, num_decimals: int, max_bins: int, *,
+                        record=lambda names: None) -> dict:
+    """calft.train's outputs of evaluate_models over base and fine-tuned: print each split's block,
+    write eval_table_<split>.md, tracking_<split>.png and eval.json (each name passed to `record`
+    first: the run marker's list); returns {split: summaries and rows}."""
+    results = {}
+    for split, preps in prompts.items():
+        base_summary, tuned_summary = scored["summaries"][split]["base"], scored["summaries"][split]["fine-tuned"]
+        base_track, tuned_track = scored["tracking"][split]["base"], scored["tracking"][split]["fine-tuned"]
+        base_rows, tuned_rows = scored["rows"][split, "base"], scored["rows"][split, "fine-tuned"]
+        misses = missed_targets(tuned_track, tuned_summary, base_summary)
+        print(format_split_summary(split, len(preps), num_decimals, max_bins, scored["summaries"][split],
+                                   scored["tracking"][split], misses))
+        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
+                      title=f"{split}: model vs target mean and sd")
+        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
+                          "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
+        record([f"eval_table_{split}.md", f"tracking_{split}.png"])
+        table = format_comparison_table(scored["summaries"][split], metrics=list(HEADLINE_METRICS))
+        (out_dir / f"eval_table_{split}.md").write_text(f"{format_tracking_table(scored['tracking'][split])}\n\n{table}\n")
+    record(["eval.json"])
+    (out_dir / "eval.json").write_text(json.dumps(
+        {"num_decimals": num_decimals, "max_bins": max_bins, "splits": results}, indent=2, default=float))
+    return results

@@ -16,18 +16,10 @@ The script reads top to bottom (STYLE.md rule 2): config, setup, data, model + P
 and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
 (positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability (calft/checkpoint.py). A checkpoint (output_dir/checkpoint: LoRA weights, optimizer
-state, step, token count and time so far, every rank's RNG states, the thread count; safetensors +
-JSON, nothing unpickled; the data order is a pure function of (seed, epoch, step)) is written to a
-temp dir and rotated in, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after
-the current step; exit status 128 + signal) and on a non-finite loss (exit status 3). A kill at
-any moment leaves a state the next --resume repairs. --resume continues with the same loss
-sequence as an uninterrupted run, bit for bit, on the same machine with the same number of CPU
-threads (torch.get_num_threads(); float sums change with it, so resuming with another count warns).
-Bad flags fail before any work (exit status 2, one line). Only a directory calft started a run in
-(its .calft-run.json marker) is resumed or overwritten, --overwrite deletes only the files the run
-wrote, and one process at a time trains in a directory (a lock). Under torchrun, Ctrl-C reaches
-torchrun, which sends SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
+Reliability (calft/checkpoint.py's docstring has the details): checkpoints every
+--checkpoint-interval steps, at the end, on SIGINT/SIGTERM (exit status 128 + signal) and on a
+non-finite loss (exit status 3); --resume continues bit for bit at the same thread count; bad flags
+fail before any work (exit status 2, one line); one process at a time per run directory.
 Scale-out. DDP (gloo on CPU, NCCL on GPU) or FSDP2 (--fsdp: one fully_shard unit per block,
 bf16 all-gathers with fp32 gradient reduction on GPU); each rank takes a contiguous slice of every
 global batch, and the loss weights are normalized by the global batch, so N processes take the
@@ -39,7 +31,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -54,9 +45,6 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -67,13 +55,11 @@ from calft.cli import add_flags, comma_list, knob  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.models import DEFAULT_MODEL, add_lora, check_model_files, decoder, load_model, load_tokenizer  # noqa: E402
-from calft.plots import plot_tracking  # noqa: E402
 from calft.prompts import terminator_ids  # noqa: E402
-from calft.report import HEADLINE_METRICS, format_comparison_table, format_split_summary, format_tracking_table  # noqa: E402,E501
+from calft.report import write_training_eval  # noqa: E402
 from calft.scoring import evaluate_models, without_adapter  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
 from calft.support import MAX_DECIMALS  # noqa: E402
-from calft.tracking import missed_targets  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
 
 
@@ -156,27 +142,9 @@ class TrainConfig:
                              "for the sampling KS and mean error; 0 = exact metrics only")
 
 
-# Per-recipe defaults (SPEC.md section 7). quick: the embedded 135M model on 2 CPU cores in about
-# 10 min, evaluation included: 16 prompts per training family x 2 epochs = 92 steps of 8 prompts
-# (~1.9 s each on 2 quiet cores), soft targets along 4 sampled strings per prompt that share one
-# tree-attention forward of the prompt (--share-prompt, packed: about the cost of one string, 4x
-# the supervision), LoRA on every linear layer, lr 1.5e-3 (the paper's 2e-4 is for ~200 steps of
-# 32). docs/calibration.md measures the alternatives: at the same 92 steps, one string per prompt
-# followed the parameters less well (location R^2 0.86 vs 0.89, median KS 0.21 vs 0.19); all 1988
-# prompts, 176 steps, lr 3e-3, trie mode and hard targets did not do better either.
-# Training and evaluation use 1 decimal: with 2 decimals and 1001 bins, 11 of the 24 selected
-# prompts have more grid strings than bins, so their supports skip strings a calibrated model
-# emits and support_mass cannot reach 1; at 1 decimal only the heavy tails (cauchy, lognormal) do.
-# 1 decimal also makes the tries, and so the exact evaluation, ~5x smaller. The final evaluation
-# (base and fine-tuned, exact, on 3 + 1 prompts per family, plus 50 samples per prompt of the
-# fine-tuned model) takes about half of the 10 minutes.
-# The paper recipes reproduce the artifact's loop (chandar-lab/calibration-finetuning,
-# calibrate_sft/train_loop.py): the last partial batch is trained (1988 prompts / 32 = 63 steps
-# per epoch, not 62), warmup is transformers' int(3% x steps) with lr x s/W, and no clipping.
-# long: the quick recipe on every training prompt for 640 steps (~21 min of training on 2
-# cores, ~27 min for the whole command). The quick recipe misses the calibration targets in its 10
-# minutes; benchmarks/calibration_curve.py (docs/calibration.md) measured the metrics against
-# training time, and a 960-step run passed every target from its step-640 snapshot on.
+# Per-recipe defaults; why each value, and what the alternatives measured: docs/method.md,
+# section 'Recipes'. The paper recipes reproduce the artifact's loop (the last partial batch is
+# trained, transformers' int(3% x steps) warmup with lr x s/W, no clipping).
 _ARTIFACT_LOOP = dict(keep_last_batch=True, warmup_rule="hf", grad_clip=0.0)
 _QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=True, num_decimals=1,
               max_bins=1001, max_prompts_per_family=16, epochs=2,
@@ -435,56 +403,29 @@ def get_lr(step: int) -> float:
 # checkpoints (calft/checkpoint.py): trainable tensors + optimizer + RNG states as safetensors,
 # the rest as JSON, written to a temp dir and rotated in; nothing is unpickled on --resume
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 trainable_names = {n for n, p in objective.named_parameters() if p.requires_grad}
-
-
-def trainable_state() -> dict:
-    """Full (gathered) trainable tensors only: never the frozen base, tied LM head included."""
-    return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
-
-
-def adapter_state(trainable: dict) -> dict:
-    """Trainable tensors under PEFT's adapter names (the objective wraps the model as `model.`)."""
-    return {k.removeprefix("model."): v.detach().cpu() for k, v in trainable.items()}
 
 
 def save_checkpoint(step: int):
     """Collective under FSDP (every rank gathers), then rank 0 writes ckpt_dir atomically."""
-    lora = trainable_state()
-    optim = get_optimizer_state_dict(objective, optimizer, options=FULL)
-    rng = [checkpoint.rng_states(device.type == "cuda")]
-    if distributed:  # every rank's generators (dropout draws differ by rank)
-        rng = [None] * world_size
-        dist.all_gather_object(rng, checkpoint.rng_states(device.type == "cuda"))
+    lora, optim, rng = checkpoint.gather_training_state(objective, optimizer, trainable_names,
+                                                        with_cuda=device.type == "cuda", world_size=world_size)
     if not master:
         return
-    rng_json, rng_tensors = checkpoint.pack_rng(rng)
-    optim_json, optim_tensors = checkpoint.pack_optimizer(optim)
     meta = {"step": step, "epoch": step // spe, "step_in_epoch": step % spe, "config": asdict(cfg),
             "train_time_s": elapsed_before + time.time() - t_start, "tokens": tokens_before + tokens_seen,
-            "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(),
-            "world_size": world_size, "rng": rng_json, "optimizer": optim_json}
-    adapter = adapter_state(lora)
+            "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(), "world_size": world_size}
     try:
-        checkpoint.save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
-                        meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+        checkpoint.save_training_state(out_dir, model, lora, optim, rng, meta)
     except checkpoint.CheckpointError as err:
         fail(str(err), status=1)
 
 
 def save_snapshot(step: int):
-    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
-    adapter = adapter_state(trainable_state())
-    if not master:
-        return  # under FSDP every rank took part in gathering the state
-    checkpoint.record_files(out_dir, ["snapshots"])
-    final = out_dir / "snapshots" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)
-    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
-    os.replace(tmp, final)
+    """The adapter after `step` in snapshots/step_<step> (collective under FSDP)."""
+    adapter = checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names))
+    if master:
+        checkpoint.save_snapshot(out_dir, model, adapter, step)
 
 
 # resume: step, timings, token count and last loss carry over; the run's segments add up
@@ -493,15 +434,7 @@ last_loss = float("nan")  # of the last step taken (the summary's final_loss)
 t_start = time.time()  # training time of this process; elapsed_before = earlier processes
 if cfg.resume and ckpt_dir.exists():
     try:
-        tensors, state = checkpoint.load(ckpt_dir)
-        lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        if set(lora) != trainable_names:
-            raise checkpoint.CheckpointError(f"{ckpt_dir} holds {len(lora)} trainable tensors, but "
-                                             f"this model has {len(trainable_names)} (or other names)")
-        set_model_state_dict(objective, lora, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(objective, optimizer, checkpoint.unpack_optimizer(state["optimizer"], tensors),
-                                 options=StateDictOptions(full_state_dict=True))
-        rng = checkpoint.unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
+        state, rng = checkpoint.load_training_state(ckpt_dir, objective, optimizer, trainable_names, rank, world_size)
     except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError) as err:
         fail(f"cannot resume from {ckpt_dir}: {err}. Nothing was changed; pass --overwrite instead of "
              "--resume to start this run over")
@@ -654,10 +587,10 @@ if exit_code or step < max_steps:
 if master:  # the run marker lists every file written here (--overwrite deletes only those)
     card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
     checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
-    model.save_pretrained(out_dir, state_dict=adapter_state(trainable_state()))
+    model.save_pretrained(out_dir, state_dict=checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names)))
     checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
 elif cfg.fsdp:
-    trainable_state()  # collective: every rank takes part
+    checkpoint.trainable_state(objective, trainable_names)  # collective: every rank takes part
 # every segment of a resumed run counts: time and tokens come from the checkpoint
 train_time = elapsed_before + train_time
 summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_time_s": train_time,
@@ -670,7 +603,7 @@ if cfg.eval and cfg.fsdp and master:
 if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft.eval's code path too
     eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
     model.eval()
-    t_eval, results, eval_prompts = time.time(), {}, {}
+    t_eval, eval_prompts = time.time(), {}
     for split in comma_list(cfg.eval_split):
         members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
@@ -681,23 +614,8 @@ if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft
                              tokenizer, eval_prompts, sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
                              seed=cfg.seed, autocast=(device.type, autocast_dtype) if autocast_dtype else None,
                              progress=cfg.progress)
-    for split, preps in eval_prompts.items():
-        base_summary, tuned_summary = scored["summaries"][split]["base"], scored["summaries"][split]["fine-tuned"]
-        base_track, tuned_track = scored["tracking"][split]["base"], scored["tracking"][split]["fine-tuned"]
-        base_rows, tuned_rows = scored["rows"][split, "base"], scored["rows"][split, "fine-tuned"]
-        misses = missed_targets(tuned_track, tuned_summary, base_summary)
-        print(format_split_summary(split, len(preps), cfg.eval_decimals, cfg.eval_bins, scored["summaries"][split],
-                                   scored["tracking"][split], misses))
-        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
-                      title=f"{split}: model vs target mean and sd")
-        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
-                          "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
-        checkpoint.record_files(out_dir, [f"eval_table_{split}.md", f"tracking_{split}.png"])
-        table = format_comparison_table(scored["summaries"][split], metrics=list(HEADLINE_METRICS))
-        (out_dir / f"eval_table_{split}.md").write_text(f"{format_tracking_table(scored['tracking'][split])}\n\n{table}\n")
-    checkpoint.record_files(out_dir, ["eval.json"])
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))
+    results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
+                                  record=lambda names: checkpoint.record_files(out_dir, names))
     summary.update(eval_time_s=time.time() - t_eval,
                    eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
                          for k, v in results.items()})
