@@ -1,12 +1,12 @@
 """Training batches (input ids, trained positions, sparse targets) and the loss on one batch.
 
-Data flow (DESIGN.md): PreparedPrompt (prompt ids, support strings, trie) -> an epoch plan of
+Data flow: PreparedPrompt (prompt ids, support strings, trie) -> an epoch plan of
 (prompt, support string) items in family-balanced order -> a micro-batch
 (input_ids [B, T], attention_mask [B, T], the flat indices b*T + t of the N trained positions,
 SparseTargets with N rows, per-row weights [N]) -> the decoder's hidden states at those N rows
 only -> `calft.losses.linear_soft_target_kl` against the LM head.
 
-Which positions (SPEC.md section 5). A prompt of P tokens followed by an answer string of L
+Which positions (docs/method.md, section 'The loss'). A prompt of P tokens followed by an answer string of L
 tokens is the input ``x = prompt_ids + answer_ids`` (length P + L). Position ``t`` predicts token
 ``t + 1``, so the trained positions are ``t = P-1, ..., P-1+L``: L+1 positions predicting the L
 answer tokens and then EOS, where "EOS" is the terminator that the chat template ends a turn with
@@ -27,15 +27,15 @@ ranks) and reduction "sum" over the rows of all of them:
   trie node (calft.tree: tree attention), and every node v with children is a trained row with
   target q(. | v) and weight w(v) / G, where w(v) = sum over the strings s whose path visits v of
   p(s) / (L_s + 1). Then ``sum_v w(v) KL_v = E_{s~p}[(1/(L_s+1)) sum_{v in path(s)} KL_v]``: the
-  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (SPEC.md
-  section 5 phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
+  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (docs/method.md,
+  section 'The loss' phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
   have L tokens, and w is the one that keeps the soft mode's per-sequence mean, so the losses and
   learning rates of the two modes are comparable when lengths differ, e.g. "1" vs "12".)
   --trie-max-nodes keeps the heaviest nodes exact and estimates the rest without bias from
   sampled paths; --share-prompt (max nodes 0) is the soft loss of k sampled strings per prompt
   in one tree forward of the prompt.
 
-Order (SPEC.md section 7): for epoch e, the items are shuffled within each family with a
+Order (docs/method.md, section 'Recipes'): for epoch e, the items are shuffled within each family with a
 ``numpy`` Generator seeded by (seed, e), then taken round-robin across the families (in the
 order in which they first appear in the prompt list); a family that runs out drops out of the
 rotation. The plan is a pure function of (seed, epoch), so every rank builds the same plan and

@@ -45,7 +45,7 @@ _SOURCES = ("families.py", "support.py", "prompts.py", "tokenization.py", "fast_
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How supports are discretized (SPEC.md section 3); defaults = the paper's soft recipe."""
+    """How supports are discretized (docs/method.md, section 'Supports'); defaults = the paper's soft recipe."""
 
     num_decimals: int = 5
     max_bins: int = 1001
@@ -171,7 +171,7 @@ def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettin
     full_check: tokenize every prompt + support string whole for the in-context check (slow;
     the default derivation is exact under assumptions that are verified as it goes).
     Raises ValueError with a readable report when a support string tokenizes differently in
-    context than alone (SPEC.md section 4).
+    context than alone (docs/method.md, section 'Trie targets').
     """
     specs = list(specs)
     if not isinstance(settings, DataSettings):

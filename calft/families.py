@@ -1,4 +1,4 @@
-"""The 30 distribution families of SPEC.md section 2: parameters, validation, scipy mapping, grids.
+"""The 30 distribution families of docs/method.md, section 'Families and grids': parameters, validation, scipy mapping, grids.
 
 A prompt names a family by its display name and lists its parameters in a fixed order
 (`Family.param_names`). `Family.frozen(params)` maps those prompt parameters to a frozen
@@ -13,7 +13,7 @@ scipy distribution, the single source of truth for the target (support, cdf, pmf
 Counts (n, r, M, K, N) must be whole numbers (25 and 25.0 are fine, 2.5 is a `ValueError`) and
 become Python ints in `Family.validate`; everything else becomes a Python float. The hypergeometric
 population M is capped at 10^7 (scipy's pmf costs O(M)). Invalid input raises `ValueError` naming the family, the parameter and the valid
-range (SPEC.md section 2).
+range (docs/method.md, section 'Families and grids').
 
 The parameter grids of the splits live in calft.splits.
 """
@@ -244,7 +244,7 @@ def _check_hypergeometric(p: dict) -> str | None:
     return None
 
 
-# SPEC.md section 2 table, in SPEC order. (id, display, tier, params, integer, held_out, scipy, check)
+# docs/method.md, section 'Families and grids' table, in the family table's order. (id, display, tier, params, integer, held_out, scipy, check)
 _TABLE = [
     ("uniform", "Uniform", "I", (_real("a"), _real("b")), False, False,
      lambda a, b: _call(stats.uniform, loc=a, scale=b - a), _ordered("a", "b")),

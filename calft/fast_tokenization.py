@@ -1,7 +1,7 @@
 """The fast path of calft.tokenization: the same token ids for millions of support strings.
 
 Tokenizing ~1.65M support strings (train split, 5 decimals, 1001 bins) one by one with a fast
-HF tokenizer costs ~10 us each, ~20 s, and the in-context check of SPEC.md section 4 doubles
+HF tokenizer costs ~10 us each, ~20 s, and the in-context check of docs/method.md, section 'Trie targets' doubles
 that. `tokenize_values` / `answers_in_context` do it piecewise instead, with the same result:
   1. A fast tokenizer encodes a string as concat(model(piece) for piece in pre_tokenize(
      normalize(s))), the model running on each pre-token independently.
@@ -14,7 +14,7 @@ that. `tokenize_values` / `answers_in_context` do it piecewise instead, with the
      Where no BPE merge touches a digit (`digits_isolated`, the one check of that: Gemma), a
      piece's tokens are its skeleton's, each digit token swapped for the real one; the same
      holds for whole strings through the normalizer (`_template_tokenize`: Phi-3 / Llama-2, whose normalizer prepends "▁").
-  4. Answers in context (SPEC.md section 4), for every support string s: HF cuts the text at
+  4. Answers in context (docs/method.md, section 'Trie targets'), for every support string s: HF cuts the text at
      added tokens first, so with tail = the text after the prompt's last added token (e.g.
      "assistant\n"; "" after Mistral's [/INST] or Gemma's "\n"), tokens(prompt + s) =
      tokens(head) + tokens(tail + s), and the answer is tokens(tail + s) minus tokens(tail).
@@ -280,7 +280,7 @@ def _added_token_may_occur(backend, names: list[str]) -> bool:
 def answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, *, full: bool
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(flat int64 tokens, offsets int64[n+1]): the canonical tokens of every support string after
-    its prompt, tokens(prompt + s) minus tokens(prompt) (SPEC.md section 4; module docstring,
+    its prompt, tokens(prompt + s) minus tokens(prompt) (docs/method.md, section 'Trie targets'; module docstring,
     step 4). ValueError with a readable report where a string does not split cleanly."""
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     per_prompt: list = [None] * len(rendered)  # p -> (flat tokens, lengths)
@@ -325,7 +325,7 @@ def answers_in_context(tokenizer, rendered, prompt_ids, tails, values, counts, *
     if failing:
         p, err = failing[0]
         raise ValueError(f"{len(failing)} of {len(rendered)} prompts fail the in-context tokenization check "
-                         f"(SPEC.md section 4); the first one (#{p}):\n{err}")
+                         f"(docs/method.md, section 'Trie targets'); the first one (#{p}):\n{err}")
     flat = np.concatenate([f for f, _ in per_prompt]) if per_prompt else np.zeros(0, np.int64)
     offsets = np.zeros(len(values) + 1, dtype=np.int64)
     if per_prompt:

@@ -1,4 +1,4 @@
-"""Soft-target KL losses (SPEC.md section 5): sparse targets, validation, backend dispatch.
+"""Soft-target KL losses (docs/method.md, section 'The loss'): sparse targets, validation, backend dispatch.
 
 For row r with logits z_r [V], temperature tau and a sparse target q over ids S_r, m_r = sum q:
 

@@ -233,7 +233,7 @@ def add_lora(
 ):
     """Wrap `model` with PEFT LoRA adapters; the trainable (LoRA) parameters are kept in fp32.
 
-    fp32 trainable copies are a fix over the paper's artifact (SPEC.md section 5): bf16 LoRA
+    fp32 trainable copies are a fix over the paper's artifact (docs/method.md, section 'The loss'): bf16 LoRA
     weights lose the small updates that late, low-lr steps make.
     """
     from peft import LoraConfig, get_peft_model

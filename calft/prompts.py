@@ -72,7 +72,7 @@ def article(display: str) -> str:
 
 
 def prompt_text(family_id: str, params: Mapping[str, float]) -> str:
-    """The user-turn text of SPEC.md section 1 (parameters validated, printed in prompt order)."""
+    """The user-turn text of docs/method.md, section 'Prompts' (parameters validated, printed in prompt order)."""
     family = get_family(family_id)
     values = family.validate(params)
     listed = ", ".join(f"{k}={format_number(v)}" for k, v in values.items())
@@ -218,7 +218,7 @@ def render_chat(tokenizer, text: str) -> str:
 
 
 def prompt_token_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of the chat-rendered prompt (`add_special_tokens=False`, SPEC.md section 1 fix)."""
+    """Token ids of the chat-rendered prompt (`add_special_tokens=False`, docs/method.md, section 'Prompts' fix)."""
     return list(tokenizer.encode(render_chat(tokenizer, text), add_special_tokens=False))
 
 

@@ -1,7 +1,7 @@
 """Scoring: the model's probability of every canonical answer, in one pass over the trie, and
 `evaluate_models`, the one evaluation path of calft.train, calft.eval and the calibration curve.
 
-Notation (SPEC.md sections 4 and 8). A prompt has a target p over support strings S. Each string s,
+Notation (docs/method.md, sections 'Trie targets' and 'Metrics'). A prompt has a target p over support strings S. Each string s,
 tokenized alone and followed by EOS, is a root-to-leaf path of the trie; node v is a token prefix
 with visit mass mass(v) = sum of p(s) over the strings below v, and target q(t|v) = mass(vt)/mass(v).
 The model gives m(t|v) at every node, hence
@@ -121,7 +121,7 @@ def mc_seed(seed: int, prompt_text: str) -> np.random.SeedSequence:
 
 def exact_metrics(model, tokenizer, prepared, *, seed: int = 0, chunk_size: int = 256,
                   return_log_probs: bool = False) -> dict:
-    """The exact metrics of SPEC.md section 8 (see the module docstring) for one PreparedPrompt.
+    """The exact metrics of docs/method.md, section 'Metrics' (see the module docstring) for one PreparedPrompt.
 
     With return_log_probs=True the dict also holds "log_m": float64 log m(s) per support string.
     `tokenizer` is unused (the prompt is already tokenized) and kept for the public signature.

@@ -1,4 +1,4 @@
-"""Prompt splits (SPEC.md section 2): which (family, parameters) pairs each split holds.
+"""Prompt splits (docs/method.md, section 'Families and grids'): which (family, parameters) pairs each split holds.
 
     train               24 training families, cartesian grid, evenly subsampled to 121 per family
                         (triangular: 125, its whole 5x5x5 grid, as in the artifact's config): 1988
@@ -191,7 +191,7 @@ def _within_range_grid(family_id: str, grid: Grid) -> Grid:
     """Unseen parameters inside the training ranges: every axis of the training grid replaced by
     the midpoints of its consecutive values. No point is a training point (every coordinate is
     off-grid) and every point lies inside the training box: interpolation, not extrapolation
-    (SPEC's test_unseen_params uses disjoint ranges, i.e. extrapolation)."""
+    (the paper's test_unseen_params uses disjoint ranges, i.e. extrapolation)."""
     counts = {p.name for p in get_family(family_id).params if p.integer}
     return Grid(grid.names, axes=tuple(_midpoints(axis, name in counts) for name, axis in zip(grid.names, grid.axes)))
 
@@ -302,7 +302,7 @@ def spread_indices(shape: tuple[int, ...], k: int) -> list[int]:
 def get_split(
     name: str, *, families: Iterable[str] | None = None, max_specs: int | None = None
 ) -> list[PromptSpec]:
-    """The prompt specs of split `name`, family by family in SPEC order, grid order within.
+    """The prompt specs of split `name`, family by family in the family table's order, grid order within.
 
     families: restrict to these family ids (must belong to the split: training families for
         train/test_unseen_params/test_selected, held-out ones for test_ood_family/ood_selected).

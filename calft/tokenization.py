@@ -64,7 +64,7 @@ def encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 def answer_token_ids(tokenizer, values: Sequence[str], rendered_prompt: str | None = None) -> list[list[int]]:
     """Token ids of each answer string (no special tokens, no terminator).
 
-    With `rendered_prompt` (the canonical answer tokens, SPEC.md section 4): the tokens the model
+    With `rendered_prompt` (the canonical answer tokens, docs/method.md, section 'Trie targets'): the tokens the model
     sees after the prompt, tokens(prompt + s) minus tokens(prompt). Tokenizers that add a prefix
     space to a text's start (SentencePiece: Llama-2, Phi-3) give different tokens for s alone.
     ValueError (`assert_in_context_tokenization`'s report) where tokens(prompt + s) does not start

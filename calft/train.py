@@ -12,7 +12,7 @@ Scale out (the global --batch-size is kept; accumulation = batch / (micro batch 
     torchrun --nproc-per-node=8 -m calft.train --recipe paper-soft --model google/gemma-3-27b-it --fsdp
 Every option: python -m calft.train --help
 
-The script reads top to bottom (STYLE.md rule 2): config, setup, data, model + PEFT, optimizer
+The script reads top to bottom (nanoGPT's order): config, setup, data, model + PEFT, optimizer
 and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
 (positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
 
@@ -70,7 +70,7 @@ from calft.tree import SoftTargetKLLoss  # noqa: E402
 class TrainConfig:
     # model
     model: str = knob(DEFAULT_MODEL, "HF model id, local directory, or the embedded alias")
-    recipe: str = knob("quick", "sets the defaults of the other flags (SPEC.md section 7); flags "
+    recipe: str = knob("quick", "sets the defaults of the other flags (docs/method.md, section 'Recipes'); flags "
                        "given explicitly override it", ("quick", "long", "paper-soft", "paper-hard"))
     mode: str = knob("soft", "soft = trie targets along sampled strings; hard = cross-entropy on "
                      "sampled strings; trie = every trie node of a prompt in one tree-attention "
@@ -129,7 +129,7 @@ class TrainConfig:
                        ("auto", "cpu", "cuda"))
     fsdp: bool = knob(False, "shard the model with FSDP2 (fully_shard) under torchrun")
     progress: bool = knob(True, "show progress bars")
-    # evaluation after training (exact metrics, SPEC.md section 8)
+    # evaluation after training (exact metrics, docs/method.md, section 'Metrics')
     eval: bool = knob(True, "evaluate base vs fine-tuned on --eval-split when training ends")
     eval_split: str = knob("test_within_range,test_selected", "comma-separated splits for the final "
                            f"evaluation, from: {', '.join(SPLITS)}; test_within_range = unseen "
@@ -263,7 +263,7 @@ try:
     families = comma_list(cfg.families) or None
     for fam in families or ():
         if get_family(fam).held_out and cfg.train_split == "train":
-            raise ValueError(f"family {fam!r} is held out (SPEC.md section 2): it is never trained on")
+            raise ValueError(f"family {fam!r} is held out (docs/method.md, section 'Families and grids'): it is never trained on")
     check_config(cfg)
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here

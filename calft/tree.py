@@ -366,6 +366,6 @@ class SoftTargetKLLoss(nn.Module):
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
             rows = self.hidden_rows(batch)
         weight, bias = lm_head_weight(self.model)
-        # the loss itself is fp32 (SPEC.md section 5 fix): the op upcasts bf16 inputs internally
+        # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
         return linear_soft_target_kl(rows.to(weight.dtype), weight, batch.targets, bias=bias, weights=batch.weights,
                                      reduction="sum", validate=False)

@@ -1,7 +1,7 @@
 """Fused LM head + sparse soft-target KL: the [N, V] logits are never held in memory.
 
 With hidden states h [N, H], LM head W [V, H] and optional bias b [V], the logits are
-z = h W^T + b and the loss per row is the KL of `calft.kernels.sparse_kl` (SPEC.md section 5):
+z = h W^T + b and the loss per row is the KL of `calft.kernels.sparse_kl` (docs/method.md, section 'The loss'):
 
     KL_r = sum_S q_k log q_k - (1/tau) sum_S q_k z_k + m_r * lse_r                          (1)
     G    = dKL/dz = (m * softmax(z/tau) - Q) / tau * c        (Q: the CSR targets, dense [N,V]) (2)

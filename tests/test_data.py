@@ -1,4 +1,4 @@
-"""Prepared data: real SmolLM2 tokenizer sizes (SPEC.md section 4), exactness of the piecewise
+"""Prepared data: real SmolLM2 tokenizer sizes (docs/method.md, section 'Trie targets'), exactness of the piecewise
 tokenization and in-context check against the tokenizer itself, and the on-disk cache."""
 
 
@@ -42,7 +42,7 @@ def test_selected_prompts_sizes_spec_section_4(selected, smollm2_tokenizer):
         branching = np.diff(trie.row_ptr).max()
         leaf_depth = trie.depth[trie.sequence_leaf]
         if not prep.support.integer:
-            # SPEC.md section 4 says ~3.3k nodes (max ~7k); these supports give 3.8k-8.5k
+            # docs/method.md, section 'Trie targets' says ~3.3k nodes (max ~7k); these supports give 3.8k-8.5k
             # (gaussian 5.2k, cauchy 8.1k, lognormal 8.5k: wide ranges share fewer digits).
             assert len(prep.support.values) == 1001
             assert 3000 <= trie.num_nodes <= 9000, (prep.spec, trie.num_nodes)

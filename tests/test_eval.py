@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from calft import evaluate as ev
+from calft import scoring as ev
 from calft.prompts import prompt_text, prompt_token_ids
 from calft.tokenization import answer_token_ids
 from calft.support import build_support
@@ -117,7 +117,7 @@ def prepared(tiny):
 
 
 def _oracle_metrics(p, log_m):
-    """Float64 definitions of SPEC.md section 8 from per-string log-probs."""
+    """Float64 definitions of docs/method.md, section 'Metrics' from per-string log-probs."""
     m = np.exp(log_m)
     M = m.sum()
     pos = p > 0

@@ -1,4 +1,4 @@
-"""calft.families against SPEC.md section 2 (table written out here) and scipy built independently."""
+"""calft.families against docs/method.md, section 'Families and grids' (table written out here) and scipy built independently."""
 
 import math
 
@@ -13,7 +13,7 @@ from calft.families import (
     get_family,
 )
 
-# SPEC.md section 2, row by row: id -> (display, tier, prompt params, integer, held_out)
+# docs/method.md, section 'Families and grids', row by row: id -> (display, tier, prompt params, integer, held_out)
 SPEC_TABLE = {
     "uniform": ("Uniform", "I", ("a", "b"), False, False),
     "gaussian": ("Gaussian", "I", ("mu", "sigma"), False, False),
@@ -47,7 +47,7 @@ SPEC_TABLE = {
     "chi": ("Chi", "III", ("df",), False, True),
 }
 
-# (params, scipy distribution written from the SPEC formulas, support from the SPEC table)
+# (params, scipy distribution written from the formulas of docs/method.md, support from its table)
 ORACLE = {
     "uniform": ({"a": -1.5, "b": 2.0}, stats.uniform(loc=-1.5, scale=3.5), (-1.5, 2.0)),
     "gaussian": ({"mu": 1.0, "sigma": 2.0}, stats.norm(1.0, 2.0), (-math.inf, math.inf)),
@@ -87,7 +87,7 @@ ORACLE = {
 
 
 def test_registry_matches_spec_table():
-    assert list(FAMILIES) == list(SPEC_TABLE)  # all 30, SPEC order
+    assert list(FAMILIES) == list(SPEC_TABLE)  # all 30, family-table order
     for fid, (display, tier, names, integer, held_out) in SPEC_TABLE.items():
         fam = get_family(fid)
         assert (fam.id, fam.display, fam.tier, fam.param_names, fam.integer_only, fam.held_out) == (

@@ -84,7 +84,7 @@ def test_sparse_kl_inplace_gradient_and_torch_agreement():
     assert_close(base.grad, zt.grad, rtol=1e-5, atol=1e-8, name="gradient")
 
 
-# K up to 1000 entries per row (SPEC.md section 4: 3-digit tokens, as Llama-3 and gpt-oss split
+# K up to 1000 entries per row (docs/method.md, section 'Trie targets': 3-digit tokens, as Llama-3 and gpt-oss split
 # numbers, branch up to ~1000 per node): 16 passes of BLOCK_K = 64 in the standalone kernel,
 # 32 of GATHER_BLOCK_K = 32 in the fused one, next to a short row and an empty one. V = 1031
 # (prime) keeps every id distinct; N and H stay small for the interpreter.

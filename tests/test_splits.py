@@ -1,4 +1,4 @@
-"""calft.splits: sizes, SPEC selected rows, even subsampling, determinism, errors."""
+"""calft.splits: sizes, the selected rows of docs/method.md, even subsampling, determinism, errors."""
 
 import collections
 
@@ -9,7 +9,7 @@ from calft.families import FAMILIES, HELD_OUT_FAMILY_IDS, TRAIN_FAMILY_IDS, get_
 from calft.prompts import format_number
 from calft.splits import GRIDS, SPLITS, PromptSpec, even_indices, get_split, grid_point_to_params, lin, log
 
-# SPEC.md section 2, "selected" column and ood_selected, in prompt parameterization
+# docs/method.md, section 'Families and grids', "selected" column and ood_selected, in prompt parameterization
 SELECTED = {
     "uniform": {"a": 3.5, "b": 10.5},
     "gaussian": {"mu": 3.5, "sigma": 3},
@@ -129,7 +129,7 @@ def test_triangular_keeps_its_whole_grid():
 
 def test_families_filter_and_max_specs():
     specs = get_split("train", families=["gamma", "beta"], max_specs=10)
-    assert _counts(specs) == {"beta": 10, "gamma": 10}  # SPEC order, not request order
+    assert _counts(specs) == {"beta": 10, "gamma": 10}  # family-table order, not request order
     assert [s.family_id for s in specs][:1] == ["beta"]
     # one of 121: np.linspace(0, 120, 1) = [0], the first grid point (as the artifact)
     assert get_split("train", families="beta", max_specs=1)[0].params_dict == {"alpha": 0.5, "beta": 0.5}

@@ -142,7 +142,7 @@ def test_answer_ids_slow_path():
 
 
 def test_in_context_tokenization_smollm2_selected(smollm2_tokenizer):
-    """SPEC.md section 4: the check must pass on every selected prompt at 2 and 5 decimals."""
+    """docs/method.md, section 'Trie targets': the check must pass on every selected prompt at 2 and 5 decimals."""
     tok = smollm2_tokenizer
     checked = 0
     for spec in get_split("test_selected") + get_split("ood_selected"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from calft import evaluate as ev
+from calft import scoring as ev
 from calft.tree import SoftTargetKLLoss
 from calft.batching import (build_batch, build_tree_batch, tree_rows, tree_strings,
                             trie_row_weights)
