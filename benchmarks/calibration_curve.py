@@ -33,6 +33,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks.common import format_table, machine_info  # noqa: E402
+from calft.cli import comma_list  # noqa: E402
 from calft.tracking import TARGETS, missed_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=str(ROOT / "docs" / "calibration_curve.png"), help="figure (PNG)")
     args = p.parse_args(argv)
     try:
-        args.steps = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
+        args.steps = sorted({int(s) for s in comma_list(args.snapshot_steps)})
     except ValueError:
         p.error(f"--snapshot-steps must be comma-separated step numbers, got {args.snapshot_steps!r}")
     if not args.steps or args.steps[0] < 1 or args.steps[-1] > args.max_steps:

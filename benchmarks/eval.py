@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from calft.scoring import sequence_log_probs_ref  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from calft.cli import comma_list  # noqa: E402
 from calft.prompts import prompt_text, prompt_token_ids  # noqa: E402
 from calft.tokenization import answer_token_ids  # noqa: E402
 from calft.support import build_support  # noqa: E402
@@ -159,7 +160,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     methods = {"calft_tree": calft_tree, "shared_prompt": shared_prompt, "brute_batched": brute_batched,
                "brute_loop": brute_loop}
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    chosen = comma_list(args.methods)
     unknown = sorted(set(chosen) - set(methods))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {sorted(methods)}")
