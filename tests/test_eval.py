@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from calft import scoring as ev
+from calft.report import format_comparison_table
 from calft.prompts import prompt_text, prompt_token_ids
 from calft.tokenization import answer_token_ids
 from calft.support import build_support
