@@ -4,8 +4,6 @@ Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
     python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~27 min)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
-    python -m calft.train --recipe paper-hard --model Qwen/Qwen3-0.6B --output-dir runs/qwen-hard
-    python -m calft.train --mode trie --output-dir runs/trie  # exact expected soft loss: every trie node
     python -m calft.train --output-dir runs/quick --resume # continue an interrupted run exactly
 Scale out (the global --batch-size is kept; accumulation = batch / (micro batch x processes)):
     torchrun --nproc-per-node=4 -m calft.train --recipe paper-soft --model Qwen/Qwen3-8B
@@ -13,17 +11,17 @@ Scale out (the global --batch-size is kept; accumulation = batch / (micro batch 
 Every option: python -m calft.train --help
 
 The script reads top to bottom (nanoGPT's order): config, setup, data, model + PEFT, optimizer
-and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
-(positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
+and schedule, one training loop, evaluation (calft.scoring.evaluate_models, as calft.eval). The
+objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
+calft/losses.py (the fused LM-head + sparse KL).
 
 Reliability (calft/checkpoint.py's docstring has the details): checkpoints every
 --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (exit status 128 + signal) and on a
 non-finite loss (exit status 3); --resume continues bit for bit at the same thread count; bad flags
 fail before any work (exit status 2, one line); one process at a time per run directory.
-Scale-out. DDP (gloo on CPU, NCCL on GPU) or FSDP2 (--fsdp: one fully_shard unit per block,
-bf16 all-gathers with fp32 gradient reduction on GPU); each rank takes a contiguous slice of every
-global batch, and the loss weights are normalized by the global batch, so N processes take the
-same steps as one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
+Scale-out: DDP or FSDP2 (--fsdp: one fully_shard unit per block); each rank takes a slice of every
+global batch, whose loss weights are normalized globally, so N processes take the same steps as
+one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
 """
 import argparse
 import gc
@@ -160,13 +158,11 @@ RECIPES = {
     "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
 }
-# argparse groups: the field that opens each group -> its title
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",
                "seed": "run", "eval": "evaluation after training"}
 # Fields that may differ between a run and its --resume (they do not change the trained weights).
-RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "snapshot_steps", "device", "progress",
-                   "micro_batch_size", "checkpoint_interval", "eval", "eval_split", "eval_decimals", "eval_bins",
-                   "eval_prompts_per_family", "eval_samples", "output_dir"}
+RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "snapshot_steps", "device", "progress", "micro_batch_size",
+                   "checkpoint_interval", "output_dir", *(k for k in TrainConfig.__dataclass_fields__ if k.startswith("eval"))}
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -192,8 +188,7 @@ cfg = parse_config()
 
 
 def fail(message: str, status: int = 2):
-    """A clear one-line error (no traceback); status 2 = bad input (found before any work),
-    1 = a fault during the run (e.g. a checkpoint that cannot be written)."""
+    """A one-line error, no traceback; status 2 = bad input (before any work), 1 = a fault in the run."""
     print(f"calft.train: error: {message}", file=sys.stderr, flush=True)
     checkpoint.release_locks()
     sys.exit(status)
@@ -454,10 +449,8 @@ elif master:
 
 
 def end_processes():
-    """Release the run-directory lock; under torchrun, let every rank arrive, then free the
-    DDP/FSDP objects and destroy the process group while the interpreter is still whole. Left to
-    interpreter shutdown, gloo's worker threads could still hold finished work objects whose
-    tensors need the GIL: a rank then died with SIGABRT after its last line of output."""
+    """Release the run-directory lock; under torchrun, free the DDP/FSDP objects and destroy the
+    process group while the interpreter is whole (at shutdown, gloo's threads made ranks SIGABRT)."""
     global wrapped, objective, model, optimizer, trainable
     checkpoint.release_locks()
     if distributed:
