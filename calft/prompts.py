@@ -3,7 +3,7 @@
     Generate exactly ONE random number from a {Display} distribution with parameters
     {k1}={v1}, {k2}={v2}. Output ONLY the number.
 
-Numbers print in a short canonical form (`format_number`): integers as integers, everything else
+Numbers print in a short canonical form (`format_param`): integers as integers, everything else
 with at most 4 significant digits, no trailing zeros, no exponent ("2.9", not
 "2.8999999999999995"; "30", not "30.0"). The article follows pronunciation: "an Exponential",
 "an Inverse Gaussian", "an F-Distribution" (said "eff"), but "a Uniform" (said "you").
@@ -42,14 +42,14 @@ from calft.tokenization import encode_with_offsets, memo_per_tokenizer
 _ARTICLE_EXCEPTIONS = {"Uniform": "a", "F-Distribution": "an"}
 
 
-def format_number(x: float | int) -> str:
+def format_param(x: float | int) -> str:
     """Canonical short form: ints (and integral floats) as ints, else <= 4 significant digits.
 
-    >>> format_number(30.0), format_number(2.8999999999999995), format_number(0.5743491774985174)
+    >>> format_param(30.0), format_param(2.8999999999999995), format_param(0.5743491774985174)
     ('30', '2.9', '0.5743')
     """
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        raise ValueError(f"format_number expects a real number, got {x!r}")
+        raise ValueError(f"format_param expects a real number, got {x!r}")
     if isinstance(x, (int, np.integer)):
         return str(int(x))
     x = float(x)
@@ -75,7 +75,7 @@ def prompt_text(family_id: str, params: Mapping[str, float]) -> str:
     """The user-turn text of docs/method.md, section 'Prompts' (parameters validated, printed in prompt order)."""
     family = get_family(family_id)
     values = family.validate(params)
-    listed = ", ".join(f"{k}={format_number(v)}" for k, v in values.items())
+    listed = ", ".join(f"{k}={format_param(v)}" for k, v in values.items())
     return (
         f"Generate exactly ONE random number from {article(family.display)} {family.display} distribution "
         f"with parameters {listed}. Output ONLY the number."

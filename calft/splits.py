@@ -254,9 +254,9 @@ class PromptSpec:
         return dict(self.params)
 
     def __str__(self) -> str:
-        from calft.prompts import format_number
+        from calft.prompts import format_param
 
-        return f"{self.family_id}(" + ", ".join(f"{k}={format_number(v)}" for k, v in self.params) + ")"
+        return f"{self.family_id}(" + ", ".join(f"{k}={format_param(v)}" for k, v in self.params) + ")"
 
 
 def even_indices(n: int, k: int) -> list[int]:

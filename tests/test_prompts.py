@@ -7,7 +7,7 @@ import pytest
 
 from calft.families import FAMILIES, get_family
 from calft.prompts import (
-    format_number,
+    format_param,
     prompt_text,
     answer_format,
     prompt_token_ids,
@@ -24,13 +24,13 @@ from calft.splits import SPLITS, get_split
         (-0.0, "0"), (1.0000000001, "1"), (0.1 + 0.2, "0.3"), (123456789, "123456789"),
     ],
 )
-def test_format_number(x, text):
-    assert format_number(x) == text
+def test_format_param(x, text):
+    assert format_param(x) == text
 
 
-def test_format_number_rejects_non_numbers():
+def test_format_param_rejects_non_numbers():
     with pytest.raises(ValueError, match="real number"):
-        format_number("3")
+        format_param("3")
 
 
 def test_prompt_text_exact():

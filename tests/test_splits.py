@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calft.families import FAMILIES, HELD_OUT_FAMILY_IDS, TRAIN_FAMILY_IDS, get_family
-from calft.prompts import format_number
+from calft.prompts import format_param
 from calft.splits import GRIDS, SPLITS, PromptSpec, even_indices, get_split, grid_point_to_params, lin, log
 
 # docs/method.md, section 'Families and grids', "selected" column and ood_selected, in prompt parameterization
@@ -158,7 +158,7 @@ def test_prompt_spec_is_hashable_and_prints_exact_values():
     for name in SPLITS:
         for s in get_split(name):
             for key, value in s.params:
-                assert float(format_number(value)) == value, (s, key)
+                assert float(format_param(value)) == value, (s, key)
 
 
 def test_grid_spacing_and_snapping():
