@@ -33,11 +33,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks.common import format_table, machine_info  # noqa: E402
+from calft.cli import comma_list  # noqa: E402
 from calft.tracking import TARGETS, missed_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = "96,160,320,480,640,960"
-# (key, where it lives: "tracking" (calft.tracking) or "exact" (calft.evaluate.summarize), header)
+# (key, where it lives: "tracking" (calft.tracking) or "exact" (calft.scoring.summarize), header)
 CURVE_METRICS = [("location_r2", "tracking", "loc R2"), ("location_slope", "tracking", "slope"),
                  ("scale_r2", "tracking", "scale R2"), ("sd_within_2x", "tracking", "sd 2x"),
                  ("sample_sd_within_2x", "tracking", "sd 2x (samples)"), ("median_ks", "tracking", "KS"),
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=str(ROOT / "docs" / "calibration_curve.png"), help="figure (PNG)")
     args = p.parse_args(argv)
     try:
-        args.steps = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
+        args.steps = sorted({int(s) for s in comma_list(args.snapshot_steps)})
     except ValueError:
         p.error(f"--snapshot-steps must be comma-separated step numbers, got {args.snapshot_steps!r}")
     if not args.steps or args.steps[0] < 1 or args.steps[-1] > args.max_steps:
@@ -101,12 +102,12 @@ def score(args, snapshots: dict[int, Path]) -> dict:
     from calft import eval as calft_eval
 
     common = ["--model", args.model, *(["--families", args.families] if args.families else []),
-              "--split", "test_within_range", "--max-prompts-per-family", str(args.prompts_per_family),
-              "--num-decimals", "1", "--max-bins", "1001", "--threads", str(args.threads), "--no-plots", "--quiet"]
+              "--eval-split", "test_within_range", "--eval-prompts-per-family", str(args.prompts_per_family),
+              "--eval-decimals", "1", "--eval-bins", "1001", "--threads", str(args.threads), "--no-plots", "--no-progress"]
     out = Path(args.run_dir) / "curve_eval"
     base = calft_eval.main([*common, "--metrics", "exact", "--output-dir", str(out / "base")])
     adapters = [a for step in sorted(snapshots) for a in ("--adapter", str(snapshots[step]))]
-    tuned = calft_eval.main([*common, *adapters, "--no-base", "--metrics", "all", "--num-samples",
+    tuned = calft_eval.main([*common, *adapters, "--no-base", "--metrics", "all", "--eval-samples",
                              str(args.samples), "--output-dir", str(out / "snapshots")])
     return {"base": base, "snapshots": tuned}
 

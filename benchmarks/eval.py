@@ -11,7 +11,7 @@ Methods, all returning log m(s + EOS | prompt) for every support string s:
                    tokens fed in full (right-padded); forward tokens = P + sum_s (|s| + 1).
 - brute_batched:   padded batches of prompt + string + EOS, no cache (a typical HF scorer);
                    forward tokens = sum_s (P + |s| + 1).
-- brute_loop:      calft.evaluate.sequence_log_probs_ref (the tests' oracle): one full forward per
+- brute_loop:      calft.scoring.sequence_log_probs_ref (the tests' oracle): one full forward per
                    string; same tokens as brute_batched, no padding.
 Every method is checked against brute_loop (max |diff| of log m), timed (median of --repeats after
 one warm-up for the fast methods), and written to benchmarks/results/eval_<device>.json.
@@ -34,9 +34,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calft.evaluate import sequence_log_probs_ref  # noqa: E402
+from calft.scoring import sequence_log_probs_ref  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids  # noqa: E402
+from calft.cli import comma_list  # noqa: E402
+from calft.prompts import prompt_text, prompt_token_ids  # noqa: E402
+from calft.tokenization import answer_token_ids  # noqa: E402
 from calft.support import build_support  # noqa: E402
 from calft.tree import node_log_mass, score_trie  # noqa: E402
 from calft.trie import build_trie  # noqa: E402
@@ -67,7 +69,7 @@ def calft_tree(model, prompt, answers, trie, eos, *, chunk_size: int, **_):
 @torch.no_grad()
 def shared_prompt(model, prompt, answers, trie, eos, *, batch_size: int, **_):
     """Prompt KV cache repeated to B rows; each row feeds its whole answer + EOS (right-padded)."""
-    from calft.sampling import cache_kwarg, new_cache
+    from calft.models import cache_kwarg, new_cache
 
     device = next(model.parameters()).device
     ckw = cache_kwarg(model)
@@ -158,7 +160,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     methods = {"calft_tree": calft_tree, "shared_prompt": shared_prompt, "brute_batched": brute_batched,
                "brute_loop": brute_loop}
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    chosen = comma_list(args.methods)
     unknown = sorted(set(chosen) - set(methods))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {sorted(methods)}")

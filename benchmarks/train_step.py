@@ -6,7 +6,7 @@
 benchmarks/kernels.py would shadow the `kernels` package that transformers probes for.)
 
 - calft: the decoder body only, the N trained rows of its last hidden state gathered, then the
-  fused LM-head + sparse soft-target KL (calft.batching.SparseKLLoss; no [B, T, V] logits).
+  fused LM-head + sparse soft-target KL (calft.batching.SoftTargetKLLoss; no [B, T, V] logits).
 - usual: the HF forward computing logits at every position ([B, T, V]), then a Python loop over
   the trained positions: log_softmax of that row, index the target ids, KL, weighted sum.
 Both: same LoRA (r=16 on q/k/v/o), AdamW, the paper's soft targets (5 decimals, 1001 bins).
@@ -92,10 +92,10 @@ def usual_loss(model, batch):
 def worker(variant: str, model_name: str, device: str, repeats: int, batch_prompts: int = 8,
            tokenizer: str = "") -> dict:
     """Time `repeats` full steps (forward, backward, AdamW) after one warm-up step."""
-    from calft.batching import SparseKLLoss
+    from calft.tree import SoftTargetKLLoss
 
     model, opt, batch = make_setup(model_name, device, batch_prompts, tokenizer)
-    objective = SparseKLLoss(model, autocast_dtype=torch.bfloat16 if device == "cuda" else None)
+    objective = SoftTargetKLLoss(model, autocast_dtype=torch.bfloat16 if device == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step():

@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # `python benchmarks/trie.py`: make `benchmarks` 
 import numpy as np  # noqa: E402
 
 from benchmarks.common import format_table, machine_info, write_json  # noqa: E402
-from calft.data import DataSettings, prepare_split, tokenize_values  # noqa: E402
+from calft.data import DataSettings, prepare_split  # noqa: E402
+from calft.fast_tokenization import tokenize_values  # noqa: E402
 from calft.splits import get_split  # noqa: E402
 from calft.support import build_support  # noqa: E402
 from calft.trie import build_trie, build_tries, reference_build_trie  # noqa: E402

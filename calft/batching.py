@@ -1,12 +1,12 @@
 """Training batches (input ids, trained positions, sparse targets) and the loss on one batch.
 
-Data flow (DESIGN.md): PreparedPrompt (prompt ids, support strings, trie) -> an epoch plan of
+Data flow: PreparedPrompt (prompt ids, support strings, trie) -> an epoch plan of
 (prompt, support string) items in family-balanced order -> a micro-batch
 (input_ids [B, T], attention_mask [B, T], the flat indices b*T + t of the N trained positions,
 SparseTargets with N rows, per-row weights [N]) -> the decoder's hidden states at those N rows
 only -> `calft.losses.linear_soft_target_kl` against the LM head.
 
-Which positions (SPEC.md section 5). A prompt of P tokens followed by an answer string of L
+Which positions (docs/method.md, section 'The loss'). A prompt of P tokens followed by an answer string of L
 tokens is the input ``x = prompt_ids + answer_ids`` (length P + L). Position ``t`` predicts token
 ``t + 1``, so the trained positions are ``t = P-1, ..., P-1+L``: L+1 positions predicting the L
 answer tokens and then EOS, where "EOS" is the terminator that the chat template ends a turn with
@@ -27,15 +27,15 @@ ranks) and reduction "sum" over the rows of all of them:
   trie node (calft.tree: tree attention), and every node v with children is a trained row with
   target q(. | v) and weight w(v) / G, where w(v) = sum over the strings s whose path visits v of
   p(s) / (L_s + 1). Then ``sum_v w(v) KL_v = E_{s~p}[(1/(L_s+1)) sum_{v in path(s)} KL_v]``: the
-  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (SPEC.md
-  section 5 phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
+  soft loss above in expectation over the sampled string, exactly, with no sampling noise. (docs/method.md,
+  section 'The loss' phrases it as mass(v) x KL_v; the two agree up to the constant 1/(L+1) when all strings
   have L tokens, and w is the one that keeps the soft mode's per-sequence mean, so the losses and
   learning rates of the two modes are comparable when lengths differ, e.g. "1" vs "12".)
   --trie-max-nodes keeps the heaviest nodes exact and estimates the rest without bias from
   sampled paths; --share-prompt (max nodes 0) is the soft loss of k sampled strings per prompt
   in one tree forward of the prompt.
 
-Order (SPEC.md section 7): for epoch e, the items are shuffled within each family with a
+Order (docs/method.md, section 'Recipes'): for epoch e, the items are shuffled within each family with a
 ``numpy`` Generator seeded by (seed, e), then taken round-robin across the families (in the
 order in which they first appear in the prompt list); a family that runs out drops out of the
 rotation. The plan is a pure function of (seed, epoch), so every rank builds the same plan and
@@ -43,17 +43,14 @@ takes its own slice, and a resumed run rebuilds exactly the same order.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from calft.losses import SparseTargets, linear_soft_target_kl
-from calft.models import decoder, lm_head_weight
-from calft.tree import forward_tree_batch, subtree_sums, tree_layout
+from calft.losses import SparseTargets
+from calft.tree import subtree_sums, tree_layout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +150,7 @@ class Batch:
     targets: SparseTargets        # N rows (CSR), probs float32
     weights: torch.Tensor         # [N] float32; sum over rows (all micro-batches, ranks) = step loss
     num_tokens: int               # real (non-pad) tokens, for throughput
-    prefix_len: int = 0           # leading tokens shared by every row (run once, see SparseKLLoss)
+    prefix_len: int = 0           # leading tokens shared by every row (run once, see SoftTargetKLLoss)
     # tree batches only (build_tree_batch): prompt + trie nodes per row, with tree attention
     position_ids: torch.Tensor | None = None  # [B, T] int64
     tree_mask: torch.Tensor | None = None     # [B, T, T] bool, True = attend (calft.tree.tree_layout)
@@ -377,69 +374,3 @@ def shared_prefix_len(input_ids: np.ndarray, shortest_prompt: int) -> int:
     differs = np.nonzero((input_ids[:, :shortest_prompt - 1] != input_ids[:1, :shortest_prompt - 1]).any(0))[0]
     prefix_len = int(differs[0]) if differs.size else shortest_prompt - 1
     return prefix_len if len(input_ids) > 1 and prefix_len >= MIN_SHARED_PREFIX else 0
-
-
-# ------------------------------------------------------------------------------------------------
-# the loss on one batch
-
-class SparseKLLoss(nn.Module):
-    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a :class:`Batch`.
-
-    Wraps the model so that DDP / FSDP2 see one root module whose forward is the whole objective:
-    the decoder runs over [B, T], only the N trained rows of its last hidden state reach the fused
-    LM-head + sparse-KL op, so no [B, T, V] (or [N, V]) logits tensor is ever materialized.
-    """
-
-    def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 share_prefix: bool = True):
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
-        # then the rest) loses the gathered weights that the first call's backward needs.
-        self.share_prefix = share_prefix
-
-    def hidden_rows(self, batch: Batch) -> torch.Tensor:
-        """Last hidden state at the N trained positions: [N, H].
-
-        Shared prefix (P0 = batch.prefix_len > 0): the first P0 tokens are identical in every row,
-        so they run once (batch 1) into a KV cache that is repeated B times, and only the
-        T - P0 remaining tokens of each row run on top of it (positions P0..T-1, the full [B, T]
-        attention mask). Causal attention makes this the same computation as the full forward
-        (one LoRA-dropout mask for the shared part); gradients flow through the cache into the
-        prefix. On SmolLM2 prompts it removes ~(B-1)/B of the prefix, ~45% of the tokens at B = 8.
-        """
-        body = decoder(self.model)
-        B, T = batch.input_ids.shape
-        P0 = batch.prefix_len if self.share_prefix else 0
-        if batch.tree_mask is not None:  # prompt + trie nodes (calft.tree)
-            h = forward_tree_batch(self.model, batch.input_ids, batch.position_ids, batch.tree_mask, P0)
-            rows = batch.gather_index - P0 * (batch.gather_index // T + 1)  # b*T + t -> b*(T-P0) + t-P0
-        elif P0 == 0:
-            h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     use_cache=False).last_hidden_state  # [B, T, H]
-            rows = batch.gather_index
-        else:
-            from transformers import DynamicCache
-
-            # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
-            name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-            cache = DynamicCache()
-            body(input_ids=batch.input_ids[:1, :P0], use_cache=True, **{name: cache})
-            cache.batch_repeat_interleave(B)
-            positions = torch.arange(P0, T, device=batch.input_ids.device).expand(B, -1)
-            h = body(input_ids=batch.input_ids[:, P0:], attention_mask=batch.attention_mask,
-                     position_ids=positions, use_cache=True, **{name: cache}).last_hidden_state  # [B, T-P0, H]
-            # flat index b*T + t  ->  b*(T - P0) + (t - P0)
-            rows = batch.gather_index - P0 * (batch.gather_index // T + 1)
-        return h.reshape(-1, h.shape[-1]).index_select(0, rows)  # [N, H]
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        device_type = batch.input_ids.device.type
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            rows = self.hidden_rows(batch)
-        weight, bias = lm_head_weight(self.model)
-        # the loss itself is fp32 (SPEC.md section 5 fix): the op upcasts bf16 inputs internally
-        return linear_soft_target_kl(rows.to(weight.dtype), weight, batch.targets, bias=bias, weights=batch.weights,
-                                     reduction="sum", validate=False)

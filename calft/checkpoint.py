@@ -1,4 +1,5 @@
-"""Run directories and checkpoints: ownership marker, locks, atomic save, rotation, recovery.
+"""Run directories and checkpoints: ownership marker, claiming a run directory, atomic save,
+rotation, recovery, metrics truncation on resume (locks and atomic writes: calft.fileio).
 
 A run directory (--output-dir) belongs to calft when it holds RUN_MARKER, a JSON file calft
 writes when a run starts and which lists every file the run wrote there. `--overwrite` deletes
@@ -19,22 +20,33 @@ Saving writes a fresh `.checkpoint.tmp-*` folder and then rotates:
     checkpoint/ -> .checkpoint.old/,  tmp -> checkpoint/,  remove .checkpoint.old/
 A kill at any point leaves a state `recover` repairs on the next start: a complete checkpoint/
 wins; otherwise a complete .checkpoint.old/ is moved back; temp folders are removed.
+
+calft.train checkpoints every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after the
+current step) and on a non-finite loss; the data order is a pure function of (seed, epoch, step),
+so --resume continues with the same loss sequence as an uninterrupted run, bit for bit, on the
+same machine with the same number of CPU threads (float sums change with it: resuming with another
+count warns). Under torchrun, Ctrl-C reaches torchrun, which sends SIGTERM to the workers (and
+SIGKILL 30 s later: keep steps shorter than that).
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from calft.fileio import file_lock, hold_lock, release_locks, write_atomic  # noqa: F401 (re-exported)
 
 RUN_MARKER = ".calft-run.json"
 LOCK_NAME = ".calft.lock"  # flock'ed by the process that trains in the directory
@@ -45,48 +57,6 @@ FORMAT = 2  # 1 = the pickled state.pt of calft <= 0.1 (no longer read)
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written (disk full, permissions) or read (damaged)."""
-
-
-# ---- locks -------------------------------------------------------------------------------------
-@contextmanager
-def file_lock(path: Path, blocking: bool = True):
-    """Exclusive advisory lock (fcntl.flock) on `path`, created if needed; yields True once held
-    (blocking=False: yields False at once when another process holds it). Released when the block
-    ends or the process dies (the kernel drops the flocks of dead processes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # closing the only descriptor releases the lock
-
-
-_HELD: dict[str, int] = {}  # path -> fd of the locks taken by hold_lock
-
-
-def hold_lock(path: Path) -> bool:
-    """Take the lock on `path` without waiting and keep it until release_locks() or the end of
-    the process. False when another process (or open file) holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    _HELD[str(path)] = fd
-    return True
-
-
-def release_locks() -> None:
-    """Release every lock taken by hold_lock (a script run in-process, e.g. by runpy, ends)."""
-    while _HELD:
-        os.close(_HELD.popitem()[1])
 
 
 # ---- run marker ----------------------------------------------------------------------------------
@@ -103,9 +73,7 @@ def record_files(out_dir: Path, names) -> None:
     path = Path(out_dir) / RUN_MARKER
     files = set(json.loads(path.read_text())["files"]) if path.is_file() else set()
     files |= {str(n) for n in names}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
 
 
 def remove_run(out_dir: Path) -> None:
@@ -124,6 +92,75 @@ def remove_run(out_dir: Path) -> None:
     for d in [out_dir / CKPT, out_dir / OLD, *out_dir.glob(TMP_PREFIX + "*")]:
         shutil.rmtree(d, ignore_errors=True)
     (out_dir / RUN_MARKER).unlink()
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be claimed: the message says why and what to do."""
+
+
+def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
+                  prog: str = "calft.train") -> None:
+    """Make `out_dir` this process's run directory, or raise RunDirError (nothing changed).
+
+    Only a directory calft started a run in (its marker) is reused, resumed or overwritten; one
+    process at a time (an flock held until release_locks() or exit). A run with the same
+    config (fields outside `run_only_fields`) is resumed with `resume`, replaced with
+    `overwrite` (only the files it wrote are deleted), refused otherwise. Writes config.json.
+    """
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+    train_fields = {k: v for k, v in config.items() if k not in run_only_fields}
+    if out_dir.is_dir() and not is_run(out_dir) and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise RunDirError(f"{out_dir} is not empty and holds no calft run (no {RUN_MARKER}): choose "
+                          "another --output-dir, or an empty or new one")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        locked = hold_lock(out_dir / LOCK_NAME)  # held until the process ends
+    except OSError as err:
+        raise RunDirError(f"cannot write to --output-dir {out_dir}: {err.strerror or err}") from None
+    if not locked:
+        raise RunDirError(f"another {prog} process is running in {out_dir} (it holds "
+                          f"{out_dir / LOCK_NAME}): wait for it to finish, or choose another --output-dir")
+    if is_run(out_dir):
+        try:
+            old = json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        old = {k: v for k, v in old.items() if k not in run_only_fields}
+        if overwrite:
+            remove_run(out_dir)  # only the files calft wrote
+        elif old != train_fields:
+            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
+                    if old.get(k) != train_fields.get(k)}
+            raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
+                              "--overwrite to replace it or choose another --output-dir")
+        elif not resume:
+            raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "
+                              "--overwrite to start over")
+        elif recover(out_dir) is None and metrics_path.exists():
+            print(f"{prog}: warning: {out_dir} has no checkpoint (the run stopped before its "
+                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
+    elif resume:
+        print(f"{prog}: warning: no run in {out_dir} yet: --resume starts a new one",
+              file=sys.stderr, flush=True)
+    record_files(out_dir, ["config.json", "metrics.jsonl"])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (steps logged after the checkpoint a run
+    resumes from are redone) and drop a torn last line."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.exists():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
 
 # ---- rotation ------------------------------------------------------------------------------------
@@ -269,3 +306,66 @@ def unpack_optimizer(js: dict, tensors: dict) -> dict:
                     for key, v in entry.items()} for name, entry in js["state"].items()}
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in js["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# ---- the training state of calft.train (objective = the model wrapped by SoftTargetKLLoss) ----------
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def trainable_state(objective, trainable_names) -> dict:
+    """Full (gathered) trainable tensors only: never the frozen base, tied LM head included.
+    Collective under FSDP: every rank calls it."""
+    return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
+
+
+def adapter_state(trainable: dict) -> dict:
+    """Trainable tensors under PEFT's adapter names (the objective wraps the model as `model.`)."""
+    return {k.removeprefix("model."): v.detach().cpu() for k, v in trainable.items()}
+
+
+def gather_training_state(objective, optimizer, trainable_names, *, with_cuda: bool, world_size: int = 1):
+    """(trainable tensors, full optimizer state, every rank's RNG states); collective when
+    world_size > 1 (every rank's generators: dropout draws differ by rank)."""
+    lora = trainable_state(objective, trainable_names)
+    optim = get_optimizer_state_dict(objective, optimizer, options=FULL)
+    rng = [rng_states(with_cuda)]
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, rng_states(with_cuda))
+    return lora, optim, rng
+
+
+def save_training_state(out_dir: Path, model, lora: dict, optim: dict, rng: list, meta: dict) -> Path:
+    """`save` of a training state: tensors as safetensors, the rest (meta, RNG, optimizer
+    hyperparameters) as JSON, the PEFT adapter alongside. CheckpointError when it cannot be written."""
+    rng_json, rng_tensors = pack_rng(rng)
+    optim_json, optim_tensors = pack_optimizer(optim)
+    adapter = adapter_state(lora)
+    return save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
+                {**meta, "rng": rng_json, "optimizer": optim_json},
+                write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+
+
+def load_training_state(ckpt: Path, objective, optimizer, trainable_names, rank: int, world_size: int):
+    """Load a checkpoint into `objective` and `optimizer`; (meta, this rank's RNG states).
+    CheckpointError (or KeyError / ValueError / RuntimeError) when it does not fit."""
+    tensors, state = load(ckpt)
+    lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    if set(lora) != trainable_names:
+        raise CheckpointError(f"{ckpt} holds {len(lora)} trainable tensors, but "
+                              f"this model has {len(trainable_names)} (or other names)")
+    set_model_state_dict(objective, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(objective, optimizer, unpack_optimizer(state["optimizer"], tensors),
+                             options=StateDictOptions(full_state_dict=True))
+    return state, unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
+
+
+def save_snapshot(out_dir: Path, model, adapter: dict, step: int) -> None:
+    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
+    record_files(out_dir, ["snapshots"])
+    final = Path(out_dir) / "snapshots" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=adapter)
+    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
+    os.replace(tmp, final)

@@ -1,14 +1,17 @@
 """Evaluate how faithfully a model (and fine-tuned adapters of it) samples requested distributions.
 
     python -m calft.eval                                        # base SmolLM2, test_selected, exact
-    python -m calft.eval --adapter runs/soft/adapter --metrics all --num-samples 200
-    python -m calft.eval --adapter runs/soft/adapter --adapter runs/hard/adapter \
-        --split test_selected,ood_selected --benchmarks mcq,open_ended --output-dir eval_out
+    python -m calft.eval --adapter runs/soft --metrics all --eval-samples 200
+    python -m calft.eval --adapter runs/soft --adapter runs/hard \
+        --eval-split test_selected,ood_selected --benchmarks mcq,open_ended --output-dir eval_out
 
-Metrics (SPEC.md section 8): "exact" scores every canonical support string under the model in one
-pass over the answer trie (calft.evaluate); "sampling" runs the paper's protocol (calft.sampling).
-Every model (the base, then base + each adapter) is evaluated on the same prepared prompts.
-Outputs in --output-dir: summary.json, per_prompt.csv, report.md, plots/*.png.
+Metrics (docs/method.md, section 'Metrics'): "exact" scores every canonical support string under
+the model in one pass over the answer trie; "sampling" runs the paper's protocol. Every model (the
+base, then base + each adapter) is evaluated on the same prepared prompts by
+calft.scoring.evaluate_models, the code path calft.train's final evaluation uses; the flags share
+calft.train's names (--eval-split, --eval-decimals, ...; the old --split, --num-decimals, ...
+still work, with a deprecation note). Outputs in --output-dir: summary.json, per_prompt.csv,
+report.md, plots/*.png.
 """
 from __future__ import annotations
 
@@ -21,66 +24,87 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
 
-from calft.evaluate import SUMMARY_METRICS, evaluate_exact, format_comparison_table, format_number, summarize  # noqa: E402,E501
+from calft import open_ended  # noqa: E402
+from calft.checkpoint import RUN_MARKER, is_run  # noqa: E402
+from calft.cli import add_flags, comma_list, knob  # noqa: E402
+from calft.data import DataSettings, prepare_prompts  # noqa: E402
+from calft.families import get_family  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft  # noqa: E402
-from calft.prompts import set_reasoning_effort  # noqa: E402
+from calft.prompts import REASONING_EFFORTS, set_reasoning_effort  # noqa: E402
+from calft.plots import plot_overview, plot_prompt, plot_tracking  # noqa: E402
+from calft.report import format_split_summary, json_safe, write_csv, write_report  # noqa: E402
+from calft.scoring import SUMMARY_METRICS, evaluate_models  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
-from calft.tracking import format_tracking_table, sample_tracking, summarize_tracking  # noqa: E402
+from calft.tracking import missed_targets  # noqa: E402
 
 METRIC_CHOICES = ("exact", "sampling", "all")
 BENCHMARKS = ("mcq", "open_ended")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m calft.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="base model: HF id, local dir, or the embedded alias")
-    g.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="PEFT adapter dir trained on --model; repeat to compare several (the base is included "
-                        "unless --no-base)")
-    g.add_argument("--no-base", action="store_true", help="skip the base model when adapters are given")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model weights dtype (scores are summed in float64 either way)")
-    g = p.add_argument_group("prompts and targets")
-    g.add_argument("--split", default="test_selected",
-                   help=f"one split or a comma-separated list, from: {', '.join(SPLITS)}")
-    g.add_argument("--families", default=None, help="comma-separated family ids (default: all in the split)")
-    g.add_argument("--max-prompts-per-family", type=int, default=None,
-                   help="cap on prompts per family (evenly subsampled; default: the split's own cap)")
-    g.add_argument("--num-decimals", type=int, default=2, help="decimals of continuous answers")
-    g.add_argument("--max-bins", type=int, default=1001, help="support strings per prompt, at most")
-    g.add_argument("--reasoning-effort", default="low", choices=("low", "medium", "high"),
-                   help="what a chat template with a reasoning_effort variable (gpt-oss) renders; use the "
-                        "value the adapter was trained with (calft.train's default and the paper's: low)")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--metrics", default="exact", choices=METRIC_CHOICES, help="exact trie scoring, sampling, or both")
-    g.add_argument("--num-samples", type=int, default=1000, help="samples per prompt (sampling metrics)")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per sample, tokens")
-    g.add_argument("--batch-size", type=int, default=64, help="samples generated together (sampling)")
-    g.add_argument("--chunk-size", type=int, default=256, help="trie nodes per forward (exact scoring)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of sampling and of the Monte-Carlo logit KL")
-    g.add_argument("--benchmarks", default="", help="comma-separated extra benchmarks: mcq, open_ended ('' = none)")
-    g.add_argument("--mcq-questions", type=int, default=100, help="MCQs generated per model (paper: 1000)")
-    g.add_argument("--open-ended-prompts", type=int, default=None, help="open-ended prompts used (default: all 102)")
-    g.add_argument("--open-ended-samples", type=int, default=100, help="samples per open-ended prompt")
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="eval_out", help="where summary.json, per_prompt.csv, report.md, plots/ go")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    g.add_argument("--cache-dir", default=None, help="prepared-prompt cache (default: calft.data's)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+@dataclass
+class EvalConfig:
+    """Every calft.eval flag; the names shared with calft.train's TrainConfig mean the same there."""
+
+    # models
+    model: str = knob(DEFAULT_MODEL, "base model: HF id, local dir, or the embedded alias")
+    adapter: list = knob((), "PEFT adapter dir (a calft.train run directory) trained on --model; repeat to "
+                         "compare several (the base is included unless --no-base)")
+    base: bool = knob(True, "evaluate the base model too (--no-base: only the adapters, when given)")
+    device: str = knob("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    threads: int = knob(0, "torch CPU threads; 0 = torch's default")
+    dtype: str = knob("float32", "model weights dtype (scores are summed in float64 either way)",
+                      ("float32", "bfloat16", "float16"))
+    # prompts and targets
+    eval_split: str = knob("test_selected", f"comma-separated splits, from: {', '.join(SPLITS)}",
+                           aliases=("--split",))
+    families: str = knob("", "comma-separated family ids; '' = every family of the split")
+    eval_prompts_per_family: int = knob(-1, "prompts per family, evenly subsampled; -1 = the split's own cap",
+                                        aliases=("--max-prompts-per-family",))
+    eval_decimals: int = knob(2, "decimals of continuous answers", aliases=("--num-decimals",))
+    eval_bins: int = knob(1001, "support strings per prompt, at most", aliases=("--max-bins",))
+    reasoning_effort: str = knob("low", "what a chat template with a reasoning_effort variable (gpt-oss) renders; "
+                                 "use the adapter's (calft.train's default and the paper's: low)", REASONING_EFFORTS)
+    # metrics
+    metrics: str = knob("exact", "exact trie scoring, sampling, or both", METRIC_CHOICES)
+    eval_samples: int = knob(1000, "answers sampled per prompt (sampling metrics)", aliases=("--num-samples",))
+    max_new_tokens: int = knob(32, "generation budget per sample, tokens")
+    batch_size: int = knob(64, "samples generated together (sampling)")
+    chunk_size: int = knob(256, "trie nodes per forward (exact scoring)")
+    seed: int = knob(0, "base seed of sampling and of the Monte-Carlo logit KL")
+    benchmarks: str = knob("", "comma-separated extra benchmarks: mcq, open_ended; '' = none")
+    mcq_questions: int = knob(100, "MCQs generated per model (paper: 1000)")
+    open_ended_prompts: int = knob(-1, "open-ended prompts used; -1 = all 102")
+    open_ended_samples: int = knob(100, "samples per open-ended prompt")
+    # output
+    output_dir: str = knob("eval_out", "where summary.json, per_prompt.csv, report.md, plots/ go")
+    plots: bool = knob(True, "draw the PNG plots")
+    cache_dir: str = knob("", "prepared-prompt cache; '' = calft.data's default")
+    progress: bool = knob(True, "show progress bars and print the report", aliases=(("--quiet", False),))
+
+
+FLAG_GROUPS = {"model": "models", "eval_split": "prompts and targets", "metrics": "metrics",
+               "output_dir": "output"}
+
+
+def parse_config(argv=None) -> EvalConfig:
+    """Flags from EvalConfig's fields (calft.cli); unknown flags and bad values exit with status 2."""
+    parser = argparse.ArgumentParser(prog="python -m calft.eval", description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    add_flags(parser, EvalConfig, FLAG_GROUPS)
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    cfg.adapter = list(cfg.adapter)
+    return cfg
 
 
 def resolve_device(name: str) -> str:
@@ -91,7 +115,7 @@ def resolve_device(name: str) -> str:
 
 def model_labels(args) -> list[tuple[str, str | None]]:
     """(label, adapter dir or None) for every model to evaluate, base first."""
-    out = [] if (args.no_base and args.adapter) else [("base", None)]
+    out = [] if (not args.base and args.adapter) else [("base", None)]
     names = [Path(a).name or str(a) for a in args.adapter]
     for a, name in zip(args.adapter, names):
         if not Path(a).is_dir():
@@ -102,12 +126,8 @@ def model_labels(args) -> list[tuple[str, str | None]]:
 
 def check_args(args) -> None:
     """Everything that can be checked before any model runs (ValueError with a clear message)."""
-    from calft.checkpoint import RUN_MARKER, is_run
-    from calft.families import get_family
-
-    if args.families is not None:
-        for fam in [f.strip() for f in args.families.split(",") if f.strip()]:
-            get_family(fam)  # a typo -> ValueError naming the closest family
+    for fam in comma_list(args.families):
+        get_family(fam)  # a typo -> ValueError naming the closest family
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output-dir {out_dir} is a file, not a directory")
@@ -121,11 +141,6 @@ def check_adapters(args, labels) -> None:
     """Load every adapter on the base model once before any evaluation, so a damaged or
     mismatched adapter fails in seconds, not after the base model has been scored. Warn when an
     adapter was trained at other decimals than it is scored at (its run's config.json)."""
-    import sys
-    import warnings
-
-    from peft import PeftModel
-
     for _, adapter in labels:
         if adapter is None:
             continue
@@ -143,9 +158,9 @@ def check_adapters(args, labels) -> None:
             raise ValueError(f"--adapter {adapter} cannot be loaded on {args.model}: "
                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
         trained = adapter_num_decimals(adapter)
-        if trained is not None and trained != args.num_decimals:
+        if trained is not None and trained != args.eval_decimals:
             print(f"calft.eval: warning: adapter {adapter} was trained with {trained} decimals but is "
-                  f"scored at --num-decimals {args.num_decimals}", file=sys.stderr, flush=True)
+                  f"scored at --eval-decimals {args.eval_decimals}", file=sys.stderr, flush=True)
 
 
 def adapter_num_decimals(adapter: str) -> int | None:
@@ -161,12 +176,18 @@ def adapter_num_decimals(adapter: str) -> int | None:
     return None
 
 
+@contextmanager
+def opened(args, adapter: str | None):
+    """The model to score (loaded fresh; base + adapter when one is given), freed afterwards."""
+    model = load_for_eval(args, adapter)
+    yield model
+    del model
+
+
 def load_for_eval(args, adapter: str | None):
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
     if adapter is not None:
-        from peft import PeftModel
-
         with quiet_peft():
             model = PeftModel.from_pretrained(model, adapter).eval()
     return model
@@ -174,12 +195,10 @@ def load_for_eval(args, adapter: str | None):
 
 def prepare(args, tokenizer) -> dict:
     """{split: [PreparedPrompt]} with the requested families and data settings."""
-    from calft.data import DataSettings, prepare_prompts
-
-    settings = DataSettings(num_decimals=args.num_decimals, max_bins=args.max_bins)
-    wanted = None if args.families is None else {f.strip() for f in args.families.split(",") if f.strip()}
+    settings = DataSettings(num_decimals=args.eval_decimals, max_bins=args.eval_bins)
+    wanted = set(comma_list(args.families)) or None
     out = {}
-    for split in [s.strip() for s in args.split.split(",") if s.strip()]:
+    for split in comma_list(args.eval_split):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         families = None
@@ -188,91 +207,21 @@ def prepare(args, tokenizer) -> dict:
             families = sorted(wanted & members)
             if not families:
                 raise ValueError(f"none of --families {sorted(wanted)} is in split {split!r}")
-        specs = get_split(split, families=families, max_specs=args.max_prompts_per_family)
+        specs = get_split(split, families=families,
+                          max_specs=args.eval_prompts_per_family if args.eval_prompts_per_family > 0 else None)
         kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-        out[split] = prepare_prompts(tokenizer, specs, settings, progress=not args.quiet, **kwargs)
+        out[split] = prepare_prompts(tokenizer, specs, settings, progress=args.progress, **kwargs)
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = ["split", "model", "family_id", "params"]
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def per_family_table(by_model: dict, metrics=("support_mass", "seq_kl_renorm", "tv_renorm", "valid_rate")) -> list[str]:
-    """Markdown lines: one row per family, one column per (model, metric)."""
-    labels = list(by_model)
-    metrics = [m for m in metrics if m in by_model[labels[0]]]
-    if not metrics:
-        return []
-    cols = [(lab, m) for m in metrics for lab in labels]
-    lines = ["Per family:", "", "| family | " + " | ".join(f"{m} ({lab})" for lab, m in cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for fam in by_model[labels[0]]["per_family"]:
-        cells = [format_number(by_model[lab]["per_family"].get(fam, {}).get(m)) for lab, m in cols]
-        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: dict, plots: dict,
-                 timings: dict) -> None:
-    lines = ["# calft evaluation report", "",
-             f"Model: `{args.model}`; metrics: {args.metrics}; {args.num_decimals} decimals, "
-             f"{args.max_bins} bins" + (f"; {args.num_samples} samples per prompt" if args.metrics != "exact" else ""),
-             "", "Per split: mean over prompts within each family, then over families (equal family weight).",
-             "support_mass = M, the model's probability of answering a canonical support string; "
-             "seq_kl = KL(target || model) over strings; *_renorm = with the model renormalized on the support.", ""]
-    for split, by_model in summaries.items():
-        first = next(iter(by_model.values()))
-        lines += [f"## {split} ({first['num_prompts']} prompts, {first['num_families']} families)", "",
-                  "Does the model follow the parameters? (calft/tracking.py: R^2 and slope of model vs "
-                  "target mean in target-sd units, within families; scale R^2 on log sd; KS)", "",
-                  format_tracking_table(tracking[split]), ""]
-        if split in plots["tracking"]:
-            lines += [f"![model vs target mean and sd per family]({plots['tracking'][split]})", ""]
-        lines += ["Exact metrics (family means):", "", format_comparison_table(by_model), ""]
-        lines += per_family_table(by_model)
-        if split in plots["overview"]:
-            lines += [f"![exact KL per family]({plots['overview'][split]})", ""]
-    if benchmarks:
-        lines += ["## Other benchmarks", "", "| model | benchmark | metric | value |", "|---|---|---|---|"]
-        for label, res in benchmarks.items():
-            for bench, r in res.items():
-                for k, v in r.items():
-                    if isinstance(v, (int, float)):
-                        lines.append(f"| {label} | {bench} | {k} | {format_number(v)} |")
-        lines.append("")
-    lines += ["## Timing", "", "| model | split | seconds |", "|---|---|---|"]
-    lines += [f"| {m} | {s} | {t:.1f} |" for (m, s), t in timings.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    bench_names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    args = parse_config(argv)
+    bench_names = comma_list(args.benchmarks)
     unknown = sorted(set(bench_names) - set(BENCHMARKS))
     if unknown:
         raise SystemExit(f"unknown --benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
-    if args.num_samples <= 0 or args.max_bins <= 0 or args.num_decimals < 0:
-        raise SystemExit("--num-samples and --max-bins must be positive, --num-decimals >= 0")
+    if args.eval_samples <= 0 or args.eval_bins <= 0 or args.eval_decimals < 0:
+        raise SystemExit("--eval-samples and --eval-bins must be positive, --eval-decimals >= 0")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     check_args(args)
@@ -283,53 +232,34 @@ def main(argv=None) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args, tokenizer)
-    progress = not args.quiet
-    per_prompt, summaries, tracking, benchmarks, timings = [], {}, {}, {}, {}
-    exact_probs: dict = {}  # (split, label) -> list of m(s)/M per prompt
-    samples: dict = {}  # (split, label) -> list of valid sampled values per prompt
-    rows_by: dict = {}  # (split, label) -> per-prompt metric rows
-    for label, adapter in labels:
-        model = load_for_eval(args, adapter)
-        for split, preps in prepared.items():
-            t0 = time.perf_counter()
-            rows = [{"family_id": p.spec.family_id, "params": p.spec.params_dict} for p in preps]
-            if args.metrics in ("exact", "all"):
-                exact = evaluate_exact(model, tokenizer, preps, progress, seed=args.seed,
-                                       chunk_size=args.chunk_size, return_log_probs=True)
-                exact_probs[split, label] = [np.exp(r.pop("log_m") - r["log_support_mass"]) for r in exact]
-                for row, r in zip(rows, exact):
-                    row.update({k: v for k, v in r.items() if k not in ("family_id", "params")})
-            if args.metrics in ("sampling", "all"):
-                from calft.sampling import evaluate_sampling
+    progress = args.progress
+    benchmarks = {}
 
-                sampled = evaluate_sampling(model, tokenizer, preps, num_samples=args.num_samples, seed=args.seed,
-                                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                            progress=progress)
-                samples[split, label] = [s.values for s in sampled]
-                for row, s, prep in zip(rows, sampled, preps):
-                    row.update(s.metrics, **sample_tracking(prep.support, s.values))
-            timings[label, split] = time.perf_counter() - t0
-            summaries.setdefault(split, {})[label] = summarize(rows)
-            tracking.setdefault(split, {})[label] = summarize_tracking(rows)
-            per_prompt += [{"split": split, "model": label, **r} for r in rows]
-            rows_by[split, label] = rows
-        if bench_names:
-            from calft import open_ended
+    def run_benchmarks(label, model):
+        if not bench_names:
+            return
+        benchmarks[label] = {}
+        if "mcq" in bench_names:
+            benchmarks[label]["mcq"] = open_ended.run_mcq(model, tokenizer, num_questions=args.mcq_questions,
+                                                          seed=args.seed)
+        if "open_ended" in bench_names:
+            benchmarks[label]["open_ended"] = open_ended.run_open_ended(
+                model, tokenizer, num_prompts=args.open_ended_prompts if args.open_ended_prompts > 0 else None,
+                samples_per_prompt=args.open_ended_samples, seed=args.seed)
 
-            benchmarks[label] = {}
-            if "mcq" in bench_names:
-                benchmarks[label]["mcq"] = open_ended.run_mcq(model, tokenizer, num_questions=args.mcq_questions,
-                                                              seed=args.seed)
-            if "open_ended" in bench_names:
-                benchmarks[label]["open_ended"] = open_ended.run_open_ended(
-                    model, tokenizer, num_prompts=args.open_ended_prompts,
-                    samples_per_prompt=args.open_ended_samples, seed=args.seed)
-        del model
+    result = evaluate_models([(label, functools.partial(opened, args, adapter)) for label, adapter in labels],
+                             tokenizer, prepared, exact=args.metrics in ("exact", "all"),
+                             num_samples=args.eval_samples if args.metrics in ("sampling", "all") else 0,
+                             seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, keep_log_probs=True, after_model=run_benchmarks,
+                             progress=progress)
+    summaries, tracking, rows_by = result["summaries"], result["tracking"], result["rows"]
+    exact_probs, samples, timings = result["probs"], result["samples"], result["seconds"]
+    per_prompt = [{"split": split, "model": label, **r} for label, _ in labels for split in prepared
+                  for r in rows_by[split, label]]
 
     overview, tracking_plots = {}, {}
-    if not args.no_plots:
-        from calft.plots import plot_overview, plot_prompt, plot_tracking
-
+    if args.plots:
         for split, preps in prepared.items():
             if args.metrics in ("exact", "all"):
                 per_family = {lab: summaries[split][lab]["per_family"] for lab, _ in labels}
@@ -347,15 +277,22 @@ def main(argv=None) -> dict:
                             prep.support.probs, model_p, title=f"{split}: {prep.spec}",
                             integer=prep.support.integer, samples=samp, support_mass=mass)
     write_csv(out_dir / "per_prompt.csv", per_prompt)
-    summary = {"settings": vars(args), "models": {lab: ad for lab, ad in labels}, "splits": summaries,
+    summary = {"settings": asdict(args), "models": {lab: ad for lab, ad in labels}, "splits": summaries,
                "tracking": tracking,
                "benchmarks": benchmarks, "seconds": {f"{m}/{s}": t for (m, s), t in timings.items()},
                "metrics_order": [m for m in SUMMARY_METRICS]}
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     write_report(out_dir / "report.md", args, summaries, tracking, benchmarks,
                  {"overview": overview, "tracking": tracking_plots}, timings)
     if progress:
         print((out_dir / "report.md").read_text())
+    non_base = [label for label, adapter in labels if adapter is not None]
+    for split, preps in prepared.items() if progress else ():  # the block calft.train prints
+        misses = None
+        if len(non_base) == 1 and "base" in summaries[split]:
+            misses = missed_targets(tracking[split][non_base[0]], summaries[split][non_base[0]], summaries[split]["base"])
+        print(format_split_summary(split, len(preps), args.eval_decimals, args.eval_bins, summaries[split],
+                                   tracking[split], misses))
     return summary
 
 

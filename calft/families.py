@@ -1,4 +1,4 @@
-"""The 30 distribution families of SPEC.md section 2: parameters, validation, scipy mapping, grids.
+"""The 30 distribution families of docs/method.md, section 'Families and grids': parameters, validation, scipy mapping, grids.
 
 A prompt names a family by its display name and lists its parameters in a fixed order
 (`Family.param_names`). `Family.frozen(params)` maps those prompt parameters to a frozen
@@ -13,21 +13,14 @@ scipy distribution, the single source of truth for the target (support, cdf, pmf
 Counts (n, r, M, K, N) must be whole numbers (25 and 25.0 are fine, 2.5 is a `ValueError`) and
 become Python ints in `Family.validate`; everything else becomes a Python float. The hypergeometric
 population M is capped at 10^7 (scipy's pmf costs O(M)). Invalid input raises `ValueError` naming the family, the parameter and the valid
-range (SPEC.md section 2).
+range (docs/method.md, section 'Families and grids').
 
-The parameter grids of the splits live here too (`GRIDS`), written in each family's *grid*
-parameterization; `grid_point_to_params` maps a grid point to prompt parameters:
-uniform (a, width) -> b = a + width; triangular (a, width, mode_fraction) -> c = a + width * mf,
-b = a + width; hypergeometric (M, N, success_fraction) -> K = round(M * sf), N = min(N, M).
-Python's `round` (half to even) is used for K, as the artifact did. Every grid value is snapped
-to the 4 significant digits the prompt prints (`clean_number`), so the prompt text describes the
-target distribution exactly (parsing the printed numbers gives back the parameters).
+The parameter grids of the splits live in calft.splits.
 """
 
 from __future__ import annotations
 
 import difflib
-import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -251,7 +244,7 @@ def _check_hypergeometric(p: dict) -> str | None:
     return None
 
 
-# SPEC.md section 2 table, in SPEC order. (id, display, tier, params, integer, held_out, scipy, check)
+# docs/method.md, section 'Families and grids' table, in the family table's order. (id, display, tier, params, integer, held_out, scipy, check)
 _TABLE = [
     ("uniform", "Uniform", "I", (_real("a"), _real("b")), False, False,
      lambda a, b: _call(stats.uniform, loc=a, scale=b - a), _ordered("a", "b")),
@@ -333,185 +326,3 @@ def get_family(family_id: str) -> Family:
     close = difflib.get_close_matches(str(family_id).lower(), list(FAMILIES), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown distribution family {family_id!r}{hint} (known: {', '.join(FAMILIES)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# parameter grids (SPEC.md section 2, "Parameter grids")
-
-
-def clean_number(x: float) -> float | int:
-    """Snap a grid value to the 4 significant digits the prompt prints (ints stay ints)."""
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return int(x)
-    y = float(f"{float(x):.4g}")
-    return 0.0 if y == 0 else y
-
-
-def lin(a: float, b: float, k: int) -> tuple[float, ...]:
-    """`lin[a,b]xk`: k linearly spaced points from a to b (inclusive), snapped."""
-    return tuple(clean_number(v) for v in np.linspace(a, b, k))
-
-
-def log(a: float, b: float, k: int) -> tuple[float, ...]:
-    """`log[a,b]xk`: k geometrically spaced points from a to b (inclusive), snapped."""
-    return tuple(clean_number(v) for v in np.geomspace(a, b, k))
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Points in a family's grid parameterization: a cartesian product of `axes`, or `rows`."""
-
-    names: tuple[str, ...]
-    axes: tuple[tuple, ...] | None = None
-    rows: tuple[tuple, ...] | None = None
-
-    def points(self) -> list[dict[str, float]]:
-        """All grid points as dicts, cartesian order (first axis slowest) or row order."""
-        rows = itertools.product(*self.axes) if self.axes is not None else self.rows
-        return [dict(zip(self.names, row)) for row in rows]
-
-    def __len__(self) -> int:
-        return math.prod(len(a) for a in self.axes) if self.axes is not None else len(self.rows)
-
-
-def _axes(names: str, *axes) -> Grid:
-    return Grid(tuple(names.split()), axes=tuple(tuple(a) for a in axes))
-
-
-def _rows(names: str, *rows) -> Grid:
-    names_t = tuple(names.split())
-    return Grid(names_t, rows=tuple(r if isinstance(r, tuple) else (r,) for r in rows))
-
-
-_BINOM_P = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
-_LOC_SCALE_TRAIN = (lin(-2, 2, 11), log(0.5, 2, 11))
-_LOC_SCALE_TEST = (lin(2.5, 4, 6), log(2.25, 3.5, 6))
-
-# family -> {split: Grid}; grid parameterization names (uniform: a width; triangular: a width
-# mode_fraction; hypergeometric: M N success_fraction), everything else = prompt names.
-GRIDS: dict[str, dict[str, Grid]] = {
-    "uniform": dict(train=_axes("a width", lin(-5, 2, 11), lin(1, 5, 11)),
-                    test_unseen_params=_axes("a width", lin(2.5, 4.5, 6), lin(5.5, 8, 6)),
-                    selected=_rows("a width", (3.5, 7))),
-    "gaussian": dict(train=_axes("mu sigma", lin(-2, 2, 11), log(0.5, 2, 11)),
-                     test_unseen_params=_axes("mu sigma", lin(2.5, 4, 6), log(2.25, 3.5, 6)),
-                     selected=_rows("mu sigma", (3.5, 3))),
-    "beta": dict(train=_axes("alpha beta", log(0.5, 5, 11), log(0.5, 5, 11)),
-                 test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
-                 selected=_rows("alpha beta", (7, 7))),
-    "binomial": dict(train=_axes("n p", (5, 10, 15, 20), _BINOM_P),
-                     test_unseen_params=_axes("n p", (25, 30), (0.25, 0.4, 0.5, 0.6, 0.75)),
-                     selected=_rows("n p", (25, 0.5))),
-    "exponential": dict(train=_axes("lambda", log(0.5, 5, 25)),
-                        test_unseen_params=_axes("lambda", log(5.5, 8, 12)),
-                        selected=_rows("lambda", 7)),
-    "geometric": dict(train=_axes("p", (0.2, 0.225, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.775, 0.8)),
-                      test_unseen_params=_axes("p", (0.05, 0.075, 0.1, 0.125, 0.15, 0.85, 0.875, 0.9, 0.925, 0.95)),
-                      selected=_rows("p", 0.125)),
-    "negative_binomial": dict(train=_axes("r p", (3, 5, 8, 12), _BINOM_P),
-                              test_unseen_params=_axes("r p", (15, 20), (0.1, 0.15, 0.2, 0.8, 0.85, 0.9)),
-                              selected=_rows("r p", (15, 0.15))),
-    "lognormal": dict(train=_axes("mu sigma", lin(-1, 1.5, 11), log(0.25, 1.25, 11)),
-                      test_unseen_params=_axes("mu sigma", lin(1.75, 3, 6), log(1.5, 2.25, 6)),
-                      selected=_rows("mu sigma", (2.5, 2))),
-    "triangular": dict(train=_axes("a width mode_fraction", lin(-3, 1, 5), lin(1, 5, 5), (0.1, 0.3, 0.5, 0.7, 0.9)),
-                       test_unseen_params=_axes("a width mode_fraction", lin(1.5, 3.5, 3), lin(5.5, 8, 3),
-                                                (0.1, 0.5, 0.9)),
-                       selected=_rows("a width mode_fraction", (2.5, 7, 0.5))),
-    "rayleigh": dict(train=_axes("sigma", log(0.5, 2, 25)),
-                     test_unseen_params=_axes("sigma", log(2.25, 3.5, 12)),
-                     selected=_rows("sigma", 3)),
-    "cauchy": dict(train=_axes("x0 gamma", *_LOC_SCALE_TRAIN),
-                   test_unseen_params=_axes("x0 gamma", *_LOC_SCALE_TEST),
-                   selected=_rows("x0 gamma", (3.5, 3))),
-    "student_t": dict(train=_axes("nu", (2.5, 2.75, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10)),
-                      test_unseen_params=_axes("nu", (10.5, 12, 14, 16, 18, 20)),
-                      selected=_rows("nu", 16)),
-    "chi_square": dict(train=_axes("nu", (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20)),
-                       test_unseen_params=_axes("nu", (21, 24, 28, 32, 36, 40)),
-                       selected=_rows("nu", 32)),
-    "f_distribution": dict(train=_axes("d1 d2", (3, 5, 7, 10), (5, 10, 15, 20)),
-                           test_unseen_params=_axes("d1 d2", (12, 15), (24, 30)),
-                           selected=_rows("d1 d2", (12, 24))),
-    "gamma": dict(train=_axes("alpha beta", log(1, 5, 11), log(1, 5, 11)),
-                  test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
-                  selected=_rows("alpha beta", (7, 7))),
-    "laplace": dict(train=_axes("mu b", *_LOC_SCALE_TRAIN),
-                    test_unseen_params=_axes("mu b", *_LOC_SCALE_TEST),
-                    selected=_rows("mu b", (3.5, 3))),
-    "logistic": dict(train=_axes("mu s", *_LOC_SCALE_TRAIN),
-                     test_unseen_params=_axes("mu s", *_LOC_SCALE_TEST),
-                     selected=_rows("mu s", (3.5, 3))),
-    "pareto": dict(train=_axes("alpha xm", (2, 2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5), log(0.5, 2, 11)),
-                   test_unseen_params=_axes("alpha xm", (5.5, 6, 6.5, 7, 8), log(2.5, 4, 6)),
-                   selected=_rows("alpha xm", (6.5, 3.5))),
-    "hypergeometric": dict(train=_axes("M N success_fraction", (30, 50, 80), (5, 10, 15), (0.2, 0.35, 0.5, 0.65, 0.8)),
-                           test_unseen_params=_axes("M N success_fraction", (100, 120), (20, 25), (0.2, 0.5, 0.8)),
-                           selected=_rows("M N success_fraction", (100, 20, 0.5))),
-    "gumbel": dict(train=_axes("mu beta", *_LOC_SCALE_TRAIN),
-                   test_unseen_params=_axes("mu beta", *_LOC_SCALE_TEST),
-                   selected=_rows("mu beta", (3.5, 3))),
-    "skellam": dict(train=_axes("mu1 mu2", log(1, 8, 11), log(1, 8, 11)),
-                    test_unseen_params=_axes("mu1 mu2", log(8.5, 12, 6), log(8.5, 12, 6)),
-                    selected=_rows("mu1 mu2", (10.5, 10.5))),
-    "beta_binomial": dict(train=_axes("n alpha beta", (10, 20, 30), log(0.5, 5, 5), log(0.5, 5, 5)),
-                          test_unseen_params=_axes("n alpha beta", (40, 50), log(5.5, 8, 3), log(5.5, 8, 3)),
-                          selected=_rows("n alpha beta", (40, 6.5, 6.5))),
-    "lomax": dict(train=_axes("alpha lambda", log(1.5, 4, 11), log(0.5, 3, 11)),
-                  test_unseen_params=_axes("alpha lambda", log(4.5, 7, 6), log(3.5, 5, 6)),
-                  selected=_rows("alpha lambda", (6, 4.5))),
-    "inverse_gaussian": dict(train=_axes("mu lambda", log(0.5, 3, 11), log(0.5, 5, 11)),
-                             test_unseen_params=_axes("mu lambda", log(3.5, 6, 6), log(5.5, 8, 6)),
-                             selected=_rows("mu lambda", (5, 7))),
-    # held-out families: an ood grid and ood_selected rows
-    "bernoulli": dict(ood=_axes("p", (0.1, 0.3, 0.5, 0.7, 0.9)), ood_selected=_rows("p", 0.1, 0.5, 0.9)),
-    "poisson": dict(ood=_axes("lambda", log(1, 12, 17)), ood_selected=_rows("lambda", 1, 4, 12)),
-    "maxwell": dict(ood=_axes("scale", (0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5)), ood_selected=_rows("scale", 0.75, 1.5, 2.5)),
-    "truncnorm": dict(ood=_axes("mu sigma lower upper", (0, 1), (1, 1.5), (-2, -1), (1, 2)),
-                      ood_selected=_rows("mu sigma lower upper", (0, 1, -1, 1), (0, 1, -2, 2), (1, 1.5, -1, 2))),
-    "weibull": dict(ood=_axes("k lambda", log(0.5, 3, 6), log(0.5, 3, 6)),
-                    ood_selected=_rows("k lambda", (0.5, 0.5), (1.5, 1.5), (3, 3))),
-    "chi": dict(ood=_axes("df", (1.5, 2, 3, 4, 5, 7, 10, 14, 20)), ood_selected=_rows("df", 2, 5, 10)),
-}
-
-
-
-def _midpoints(values: tuple, integer: bool) -> tuple:
-    """Midpoints of consecutive axis values (rounded for counts): inside the axis range, on no
-    grid point (when two counts are adjacent integers, their midpoint is skipped)."""
-    mids = []
-    for lo, hi in zip(values, values[1:]):
-        mid = (lo + hi) / 2
-        mid = int(round(mid)) if integer else clean_number(mid)
-        if mid not in (lo, hi) and mid not in mids:
-            mids.append(mid)
-    return tuple(mids)
-
-
-def _within_range_grid(family_id: str) -> Grid:
-    """Unseen parameters inside the training ranges: every axis of the training grid replaced by
-    the midpoints of its consecutive values. No point is a training point (every coordinate is
-    off-grid) and every point lies inside the training box: interpolation, not extrapolation
-    (SPEC's test_unseen_params uses disjoint ranges, i.e. extrapolation)."""
-    grid = GRIDS[family_id]["train"]
-    counts = {p.name for p in get_family(family_id).params if p.integer}
-    return Grid(grid.names, axes=tuple(_midpoints(axis, name in counts) for name, axis in zip(grid.names, grid.axes)))
-
-
-for _fid, _grids in GRIDS.items():
-    if "train" in _grids:
-        _grids["within_range"] = _within_range_grid(_fid)
-
-def grid_point_to_params(family_id: str, point: Mapping[str, float]) -> dict[str, float | int]:
-    """Map a grid point (grid parameterization) to validated prompt parameters, prompt order."""
-    family = get_family(family_id)
-    p = dict(point)
-    if family.id == "uniform":
-        p = {"a": p["a"], "b": clean_number(p["a"] + p["width"])}
-    elif family.id == "triangular":
-        a, width, mf = p["a"], p["width"], p["mode_fraction"]
-        p = {"a": a, "c": clean_number(a + width * mf), "b": clean_number(a + width)}
-    elif family.id == "hypergeometric":
-        M = int(round(p["M"]))
-        p = {"M": M, "K": int(round(M * p["success_fraction"])), "N": min(int(round(p["N"])), M)}
-    return family.validate(p)

@@ -1,4 +1,4 @@
-"""Soft-target KL losses (SPEC.md section 5): sparse targets, validation, backend dispatch.
+"""Soft-target KL losses (docs/method.md, section 'The loss'): sparse targets, validation, backend dispatch.
 
 For row r with logits z_r [V], temperature tau and a sparse target q over ids S_r, m_r = sum q:
 
@@ -443,9 +443,9 @@ def soft_target_kl(logits, targets: SparseTargets, *, tau=1.0, weights=None, red
         validate_targets(targets, V, weights)
     args = (logits, targets.row_ptr, targets.token_ids, targets.probs, float(tau), inplace_grad)
     if _pick_backend(backend, logits) == "triton":
-        from calft.kernels.sparse_kl import SparseKLFunction
+        from calft.kernels.sparse_kl import SoftTargetKLFunction
 
-        kl = SparseKLFunction.apply(*args)
+        kl = SoftTargetKLFunction.apply(*args)
     else:
         kl = _SoftTargetKLTorch.apply(*args)
     return _reduce(kl, weights, reduction)
@@ -479,9 +479,9 @@ def linear_soft_target_kl(hidden, lm_weight, targets: SparseTargets, *, bias=Non
     args = (hidden, lm_weight, bias, targets.row_ptr, targets.token_ids, targets.probs,
             float(tau), chunk_size)
     if _pick_backend(backend, hidden) == "triton":
-        from calft.kernels.linear_sparse_kl import LinearSparseKLFunction
+        from calft.kernels.linear_sparse_kl import LinearSoftTargetKLFunction
 
-        kl = LinearSparseKLFunction.apply(*args)
+        kl = LinearSoftTargetKLFunction.apply(*args)
     else:
         kl = _LinearSoftTargetKLTorch.apply(*args)
     return _reduce(kl, weights, reduction)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from calft.fileio import file_lock, write_atomic
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # PEFT's own option: every linear layer but the output head. Names like gate_proj/up_proj are not
@@ -75,8 +77,6 @@ def _embedded_checkpoint(rebuild: bool = False) -> Path:
     Several processes may start on a cold cache at once: the conversion holds a file lock, the
     result is written to a temp dir and renamed into place, and a finished copy (COMPLETE marker)
     is never deleted, except with rebuild=True after it failed to load."""
-    from calft.checkpoint import file_lock
-
     target = cache_root() / "models" / DEFAULT_MODEL
     lock = target.parent / f".{DEFAULT_MODEL}.lock"
     if not rebuild and _is_complete(target):
@@ -111,9 +111,7 @@ def _safetensors_whole(path: Path) -> bool:
 
 def _write_marker(folder: Path) -> None:
     sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name != COMPLETE}
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps({"sizes": sizes}, indent=1))
-    os.replace(tmp, folder / COMPLETE)
+    write_atomic(folder / COMPLETE, json.dumps({"sizes": sizes}, indent=1))
 
 
 def _load_gguf():
@@ -247,7 +245,7 @@ def add_lora(
 ):
     """Wrap `model` with PEFT LoRA adapters; the trainable (LoRA) parameters are kept in fp32.
 
-    fp32 trainable copies are a fix over the paper's artifact (SPEC.md section 5): bf16 LoRA
+    fp32 trainable copies are a fix over the paper's artifact (docs/method.md, section 'The loss'): bf16 LoRA
     weights lose the small updates that late, low-lr steps make.
     """
     from peft import LoraConfig, get_peft_model
@@ -284,6 +282,25 @@ def unwrap(model):
             model = model.get_base_model()
         else:
             return model
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of model.forward: recent transformers (5.x) renamed
+    `past_key_values` to `cache` (the old name is deprecated, then removed)."""
+    import inspect
+
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model):
+    """An empty DynamicCache for `model` (through PEFT wrappers)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=unwrap(model).config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
 
 
 def decoder(model):

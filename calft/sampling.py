@@ -1,4 +1,4 @@
-"""Structured sampling protocol of SPEC.md section 8: draw, parse, validate, score.
+"""Structured sampling protocol of docs/method.md, section 'Metrics': draw, parse, validate, score.
 
 Per prompt the model draws N answers (paper: N=1000) at temperature 1, top_p 1, at most 32 new
 tokens. Each output is parsed and validated, then the valid values are compared with the true
@@ -12,7 +12,7 @@ distribution:
     ks_stat, ks_pvalue     = scipy.stats.kstest(x, F)      (continuous families)
     chi2_stat, chi2_pvalue = Pearson chi-square over the cells {k} for k = lo..hi plus the tail
                              cells (<lo), (>hi) where the true law has mass (integer families;
-                             lo, hi = the 0.1% and 99.9% quantiles, as in SPEC.md section 3)
+                             lo, hi = the 0.1% and 99.9% quantiles, as in docs/method.md, section 'Supports')
 
 Randomness: sample j of a prompt uses its own stream of uniforms, seeded by (seed, prompt key, j)
 through numpy's SeedSequence, and draws each token by inverting the float64 CDF of the model's
@@ -32,9 +32,9 @@ import torch
 from scipy import stats
 
 from calft.families import get_family
-from calft.models import unwrap
+from calft.models import cache_kwarg, new_cache
 
-# SPEC.md section 8: the whole output (after stripping think blocks) must be this one number.
+# docs/method.md, section 'Metrics': the whole output (after stripping think blocks) must be this one number.
 # re.ASCII: only 0-9 count as digits (Python's float() would also accept e.g. Arabic-Indic digits).
 NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$", flags=re.ASCII)
 THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
@@ -44,7 +44,7 @@ BOUND_TOL = 1e-9  # absolute slack on the support bounds (answers are printed, h
 PARSE_FAILURES = ("empty", "malformed")
 SUPPORT_VIOLATIONS = ("non_finite", "below_support", "above_support", "non_integer")
 STATUSES = ("valid",) + PARSE_FAILURES + SUPPORT_VIOLATIONS
-QUANTILE_LOW, QUANTILE_HIGH = 0.001, 0.999  # the chi-square integer range, as in SPEC.md section 3
+QUANTILE_LOW, QUANTILE_HIGH = 0.001, 0.999  # the chi-square integer range, as in docs/method.md, section 'Supports'
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _finite_moment(value) -> float:
 
 
 def sample_metrics(texts, family_id: str, params) -> dict:
-    """Every per-prompt metric of SPEC.md section 8 for one prompt's outputs."""
+    """Every per-prompt metric of docs/method.md, section 'Metrics' for one prompt's outputs."""
     fam = get_family(family_id)
     params = fam.validate(params)
     dist = fam.frozen(params)
@@ -189,25 +189,6 @@ def sample_seeds(seed: int, prompt_key: str, num_samples: int) -> list[np.random
     """One SeedSequence per sample, from (seed, crc32(prompt_key), sample index)."""
     key = zlib.crc32(prompt_key.encode("utf-8"))
     return [np.random.SeedSequence([int(seed), key, j]) for j in range(num_samples)]
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of model.forward: recent transformers (5.x) renamed
-    `past_key_values` to `cache` (the old name is deprecated, then removed)."""
-    import inspect
-
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def new_cache(model):
-    """An empty DynamicCache for `model` (through PEFT wrappers)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=unwrap(model).config)
-    except TypeError:  # older transformers: no config argument
-        return DynamicCache()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

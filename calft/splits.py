@@ -1,4 +1,4 @@
-"""Prompt splits (SPEC.md section 2): which (family, parameters) pairs each split holds.
+"""Prompt splits (docs/method.md, section 'Families and grids'): which (family, parameters) pairs each split holds.
 
     train               24 training families, cartesian grid, evenly subsampled to 121 per family
                         (triangular: 125, its whole 5x5x5 grid, as in the artifact's config): 1988
@@ -14,21 +14,216 @@ cartesian order (first axis slowest), the artifact's rule (truncation, float rou
 the first and last grid points always stay. With the paper's caps no training or test grid is
 larger than its cap, so nothing is dropped by default; the rule matters for a smaller `max_specs`.
 Everything is deterministic: no random numbers are involved.
+
+The parameter grids (`GRIDS`) are, written in each family's *grid*
+parameterization; `grid_point_to_params` maps a grid point to prompt parameters:
+uniform (a, width) -> b = a + width; triangular (a, width, mode_fraction) -> c = a + width * mf,
+b = a + width; hypergeometric (M, N, success_fraction) -> K = round(M * sf), N = min(N, M).
+Python's `round` (half to even) is used for K, as the artifact did. Every grid value is snapped
+to the 4 significant digits the prompt prints (`snap_number`), so the prompt text describes the
+target distribution exactly (parsing the printed numbers gives back the parameters).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from calft.families import FAMILIES, GRIDS, get_family, grid_point_to_params
+from calft.families import FAMILIES, get_family
+
+# ------------------------------------------------------------------------------------------------
+# parameter grids (docs/method.md, section 'Families and grids')
+
+def snap_number(x: float) -> float | int:
+    """Snap a grid value to the 4 significant digits the prompt prints (ints stay ints)."""
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return int(x)
+    y = float(f"{float(x):.4g}")
+    return 0.0 if y == 0 else y
+
+
+def lin(a: float, b: float, k: int) -> tuple[float, ...]:
+    """`lin[a,b]xk`: k linearly spaced points from a to b (inclusive), snapped."""
+    return tuple(snap_number(v) for v in np.linspace(a, b, k))
+
+
+def log(a: float, b: float, k: int) -> tuple[float, ...]:
+    """`log[a,b]xk`: k geometrically spaced points from a to b (inclusive), snapped."""
+    return tuple(snap_number(v) for v in np.geomspace(a, b, k))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Points in a family's grid parameterization: a cartesian product of `axes`, or `rows`."""
+
+    names: tuple[str, ...]
+    axes: tuple[tuple, ...] | None = None
+    rows: tuple[tuple, ...] | None = None
+
+    def points(self) -> list[dict[str, float]]:
+        """All grid points as dicts, cartesian order (first axis slowest) or row order."""
+        rows = itertools.product(*self.axes) if self.axes is not None else self.rows
+        return [dict(zip(self.names, row)) for row in rows]
+
+    def __len__(self) -> int:
+        return math.prod(len(a) for a in self.axes) if self.axes is not None else len(self.rows)
+
+
+def _axes(names: str, *axes) -> Grid:
+    return Grid(tuple(names.split()), axes=tuple(tuple(a) for a in axes))
+
+
+def _rows(names: str, *rows) -> Grid:
+    names_t = tuple(names.split())
+    return Grid(names_t, rows=tuple(r if isinstance(r, tuple) else (r,) for r in rows))
+
+
+_BINOM_P = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
+_LOC_SCALE_TRAIN = (lin(-2, 2, 11), log(0.5, 2, 11))
+_LOC_SCALE_TEST = (lin(2.5, 4, 6), log(2.25, 3.5, 6))
+
+# family -> {split: Grid}; grid parameterization names (uniform: a width; triangular: a width
+# mode_fraction; hypergeometric: M N success_fraction), everything else = prompt names.
+_GRIDS: dict[str, dict[str, Grid]] = {
+    "uniform": dict(train=_axes("a width", lin(-5, 2, 11), lin(1, 5, 11)),
+                    test_unseen_params=_axes("a width", lin(2.5, 4.5, 6), lin(5.5, 8, 6)),
+                    selected=_rows("a width", (3.5, 7))),
+    "gaussian": dict(train=_axes("mu sigma", lin(-2, 2, 11), log(0.5, 2, 11)),
+                     test_unseen_params=_axes("mu sigma", lin(2.5, 4, 6), log(2.25, 3.5, 6)),
+                     selected=_rows("mu sigma", (3.5, 3))),
+    "beta": dict(train=_axes("alpha beta", log(0.5, 5, 11), log(0.5, 5, 11)),
+                 test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
+                 selected=_rows("alpha beta", (7, 7))),
+    "binomial": dict(train=_axes("n p", (5, 10, 15, 20), _BINOM_P),
+                     test_unseen_params=_axes("n p", (25, 30), (0.25, 0.4, 0.5, 0.6, 0.75)),
+                     selected=_rows("n p", (25, 0.5))),
+    "exponential": dict(train=_axes("lambda", log(0.5, 5, 25)),
+                        test_unseen_params=_axes("lambda", log(5.5, 8, 12)),
+                        selected=_rows("lambda", 7)),
+    "geometric": dict(train=_axes("p", (0.2, 0.225, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.775, 0.8)),
+                      test_unseen_params=_axes("p", (0.05, 0.075, 0.1, 0.125, 0.15, 0.85, 0.875, 0.9, 0.925, 0.95)),
+                      selected=_rows("p", 0.125)),
+    "negative_binomial": dict(train=_axes("r p", (3, 5, 8, 12), _BINOM_P),
+                              test_unseen_params=_axes("r p", (15, 20), (0.1, 0.15, 0.2, 0.8, 0.85, 0.9)),
+                              selected=_rows("r p", (15, 0.15))),
+    "lognormal": dict(train=_axes("mu sigma", lin(-1, 1.5, 11), log(0.25, 1.25, 11)),
+                      test_unseen_params=_axes("mu sigma", lin(1.75, 3, 6), log(1.5, 2.25, 6)),
+                      selected=_rows("mu sigma", (2.5, 2))),
+    "triangular": dict(train=_axes("a width mode_fraction", lin(-3, 1, 5), lin(1, 5, 5), (0.1, 0.3, 0.5, 0.7, 0.9)),
+                       test_unseen_params=_axes("a width mode_fraction", lin(1.5, 3.5, 3), lin(5.5, 8, 3),
+                                                (0.1, 0.5, 0.9)),
+                       selected=_rows("a width mode_fraction", (2.5, 7, 0.5))),
+    "rayleigh": dict(train=_axes("sigma", log(0.5, 2, 25)),
+                     test_unseen_params=_axes("sigma", log(2.25, 3.5, 12)),
+                     selected=_rows("sigma", 3)),
+    "cauchy": dict(train=_axes("x0 gamma", *_LOC_SCALE_TRAIN),
+                   test_unseen_params=_axes("x0 gamma", *_LOC_SCALE_TEST),
+                   selected=_rows("x0 gamma", (3.5, 3))),
+    "student_t": dict(train=_axes("nu", (2.5, 2.75, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10)),
+                      test_unseen_params=_axes("nu", (10.5, 12, 14, 16, 18, 20)),
+                      selected=_rows("nu", 16)),
+    "chi_square": dict(train=_axes("nu", (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20)),
+                       test_unseen_params=_axes("nu", (21, 24, 28, 32, 36, 40)),
+                       selected=_rows("nu", 32)),
+    "f_distribution": dict(train=_axes("d1 d2", (3, 5, 7, 10), (5, 10, 15, 20)),
+                           test_unseen_params=_axes("d1 d2", (12, 15), (24, 30)),
+                           selected=_rows("d1 d2", (12, 24))),
+    "gamma": dict(train=_axes("alpha beta", log(1, 5, 11), log(1, 5, 11)),
+                  test_unseen_params=_axes("alpha beta", log(5.5, 8, 6), log(5.5, 8, 6)),
+                  selected=_rows("alpha beta", (7, 7))),
+    "laplace": dict(train=_axes("mu b", *_LOC_SCALE_TRAIN),
+                    test_unseen_params=_axes("mu b", *_LOC_SCALE_TEST),
+                    selected=_rows("mu b", (3.5, 3))),
+    "logistic": dict(train=_axes("mu s", *_LOC_SCALE_TRAIN),
+                     test_unseen_params=_axes("mu s", *_LOC_SCALE_TEST),
+                     selected=_rows("mu s", (3.5, 3))),
+    "pareto": dict(train=_axes("alpha xm", (2, 2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5), log(0.5, 2, 11)),
+                   test_unseen_params=_axes("alpha xm", (5.5, 6, 6.5, 7, 8), log(2.5, 4, 6)),
+                   selected=_rows("alpha xm", (6.5, 3.5))),
+    "hypergeometric": dict(train=_axes("M N success_fraction", (30, 50, 80), (5, 10, 15), (0.2, 0.35, 0.5, 0.65, 0.8)),
+                           test_unseen_params=_axes("M N success_fraction", (100, 120), (20, 25), (0.2, 0.5, 0.8)),
+                           selected=_rows("M N success_fraction", (100, 20, 0.5))),
+    "gumbel": dict(train=_axes("mu beta", *_LOC_SCALE_TRAIN),
+                   test_unseen_params=_axes("mu beta", *_LOC_SCALE_TEST),
+                   selected=_rows("mu beta", (3.5, 3))),
+    "skellam": dict(train=_axes("mu1 mu2", log(1, 8, 11), log(1, 8, 11)),
+                    test_unseen_params=_axes("mu1 mu2", log(8.5, 12, 6), log(8.5, 12, 6)),
+                    selected=_rows("mu1 mu2", (10.5, 10.5))),
+    "beta_binomial": dict(train=_axes("n alpha beta", (10, 20, 30), log(0.5, 5, 5), log(0.5, 5, 5)),
+                          test_unseen_params=_axes("n alpha beta", (40, 50), log(5.5, 8, 3), log(5.5, 8, 3)),
+                          selected=_rows("n alpha beta", (40, 6.5, 6.5))),
+    "lomax": dict(train=_axes("alpha lambda", log(1.5, 4, 11), log(0.5, 3, 11)),
+                  test_unseen_params=_axes("alpha lambda", log(4.5, 7, 6), log(3.5, 5, 6)),
+                  selected=_rows("alpha lambda", (6, 4.5))),
+    "inverse_gaussian": dict(train=_axes("mu lambda", log(0.5, 3, 11), log(0.5, 5, 11)),
+                             test_unseen_params=_axes("mu lambda", log(3.5, 6, 6), log(5.5, 8, 6)),
+                             selected=_rows("mu lambda", (5, 7))),
+    # held-out families: an ood grid and ood_selected rows
+    "bernoulli": dict(ood=_axes("p", (0.1, 0.3, 0.5, 0.7, 0.9)), ood_selected=_rows("p", 0.1, 0.5, 0.9)),
+    "poisson": dict(ood=_axes("lambda", log(1, 12, 17)), ood_selected=_rows("lambda", 1, 4, 12)),
+    "maxwell": dict(ood=_axes("scale", (0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5)), ood_selected=_rows("scale", 0.75, 1.5, 2.5)),
+    "truncnorm": dict(ood=_axes("mu sigma lower upper", (0, 1), (1, 1.5), (-2, -1), (1, 2)),
+                      ood_selected=_rows("mu sigma lower upper", (0, 1, -1, 1), (0, 1, -2, 2), (1, 1.5, -1, 2))),
+    "weibull": dict(ood=_axes("k lambda", log(0.5, 3, 6), log(0.5, 3, 6)),
+                    ood_selected=_rows("k lambda", (0.5, 0.5), (1.5, 1.5), (3, 3))),
+    "chi": dict(ood=_axes("df", (1.5, 2, 3, 4, 5, 7, 10, 14, 20)), ood_selected=_rows("df", 2, 5, 10)),
+}
+
+
+
+def _midpoints(values: tuple, integer: bool) -> tuple:
+    """Midpoints of consecutive axis values (rounded for counts): inside the axis range, on no
+    grid point (when two counts are adjacent integers, their midpoint is skipped)."""
+    mids = []
+    for lo, hi in zip(values, values[1:]):
+        mid = (lo + hi) / 2
+        mid = int(round(mid)) if integer else snap_number(mid)
+        if mid not in (lo, hi) and mid not in mids:
+            mids.append(mid)
+    return tuple(mids)
+
+
+def _within_range_grid(family_id: str, grid: Grid) -> Grid:
+    """Unseen parameters inside the training ranges: every axis of the training grid replaced by
+    the midpoints of its consecutive values. No point is a training point (every coordinate is
+    off-grid) and every point lies inside the training box: interpolation, not extrapolation
+    (the paper's test_unseen_params uses disjoint ranges, i.e. extrapolation)."""
+    counts = {p.name for p in get_family(family_id).params if p.integer}
+    return Grid(grid.names, axes=tuple(_midpoints(axis, name in counts) for name, axis in zip(grid.names, grid.axes)))
+
+
+# family -> {split grid name: Grid}, plus "within_range" (from the train grid) where there is one
+GRIDS: dict[str, dict[str, Grid]] = {
+    fid: {**grids, **({"within_range": _within_range_grid(fid, grids["train"])} if "train" in grids else {})}
+    for fid, grids in _GRIDS.items()}
+
+
+def grid_point_to_params(family_id: str, point: Mapping[str, float]) -> dict[str, float | int]:
+    """Map a grid point (grid parameterization) to validated prompt parameters, prompt order."""
+    family = get_family(family_id)
+    p = dict(point)
+    if family.id == "uniform":
+        p = {"a": p["a"], "b": snap_number(p["a"] + p["width"])}
+    elif family.id == "triangular":
+        a, width, mf = p["a"], p["width"], p["mode_fraction"]
+        p = {"a": a, "c": snap_number(a + width * mf), "b": snap_number(a + width)}
+    elif family.id == "hypergeometric":
+        M = int(round(p["M"]))
+        p = {"M": M, "K": int(round(M * p["success_fraction"])), "N": min(int(round(p["N"])), M)}
+    return family.validate(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# splits
 
 SPLITS = ("train", "test_unseen_params", "test_within_range", "test_selected", "test_ood_family",
           "ood_selected")
 
-# split -> (key in calft.families.GRIDS, default max_specs per family, held-out families?)
+# split -> (key in GRIDS, default max_specs per family, held-out families?)
 # per-family exceptions to the default cap: the artifact's conf/data/calibrate_sft.yaml gives
 # triangular max_specs 125 in train (its whole grid), so the train split has 1988 prompts, not 1984
 _FAMILY_CAPS = {"train": {"triangular": 125}}
@@ -59,9 +254,9 @@ class PromptSpec:
         return dict(self.params)
 
     def __str__(self) -> str:
-        from calft.prompts import format_number
+        from calft.prompts import format_param
 
-        return f"{self.family_id}(" + ", ".join(f"{k}={format_number(v)}" for k, v in self.params) + ")"
+        return f"{self.family_id}(" + ", ".join(f"{k}={format_param(v)}" for k, v in self.params) + ")"
 
 
 def even_indices(n: int, k: int) -> list[int]:
@@ -86,8 +281,6 @@ def spread_indices(shape: tuple[int, ...], k: int) -> list[int]:
     low/low, mid/high, high/mid). `even_indices` on the flat order would instead vary only the
     last axes for small k.
     """
-    import math
-
     steps, target = [], float(k)
     for _ in shape:
         step = max(1, round(target))
@@ -109,7 +302,7 @@ def spread_indices(shape: tuple[int, ...], k: int) -> list[int]:
 def get_split(
     name: str, *, families: Iterable[str] | None = None, max_specs: int | None = None
 ) -> list[PromptSpec]:
-    """The prompt specs of split `name`, family by family in SPEC order, grid order within.
+    """The prompt specs of split `name`, family by family in the family table's order, grid order within.
 
     families: restrict to these family ids (must belong to the split: training families for
         train/test_unseen_params/test_selected, held-out ones for test_ood_family/ood_selected).

@@ -1,4 +1,4 @@
-"""Discretized target distributions over canonical answer strings (SPEC.md section 3).
+"""Discretized target distributions over canonical answer strings (docs/method.md, section 'Supports').
 
 Integer families (values lo..hi, probability = pmf):
     lo = support_min            if finite else floor(ppf(q_low))
@@ -9,7 +9,7 @@ Integer families (values lo..hi, probability = pmf):
     at counts near 1e15, which put the window of binomial(n=1e15, p=.3) a full sd below its mode.
     Values beyond 2^53 (not exact in float64; binomial n=1e18, geometric p=1e-300) are refused.
     Mass outside the kept window goes to its edge values, on BOTH sides:
-        p(w_lo) += P(X < w_lo),  p(w_hi) += P(X > w_hi)        (SPEC.md fix: Skellam's lower tail)
+        p(w_lo) += P(X < w_lo),  p(w_hi) += P(X > w_hi)        (a fix over the paper's artifact: Skellam's lower tail)
 
 Continuous families (d = num_decimals, h = 10^-d):
     lower = ppf(q_low), upper = ppf(q_high), clipped to the support.
@@ -32,7 +32,7 @@ Continuous families (d = num_decimals, h = 10^-d):
     floor(i (n-1)/(max_bins-1)) except where float rounding lands just below an exact integer
     (n = 1016: i = 200 gives 202, not 203); we reproduce the artifact, float rounding included.
     (max_bins = 1, not a paper setting, keeps the multiple nearest the median, not index 0.)
-    The centers come from the index formula in O(max_bins) time and memory (SPEC.md fix: the
+    The centers come from the index formula in O(max_bins) time and memory (fix over the artifact, docs/method.md: the
     artifact materialized all n centers, ~1 GB for one Cauchy prompt at 5 decimals).
     edges e = [lower, (c_0+c_1)/2, ..., (c_{m-2}+c_{m-1})/2, upper],  p_j = F(e_{j+1}) - F(e_j).
     Bins below the median use cdf differences, bins above it sf differences (no cancellation
@@ -43,7 +43,7 @@ Continuous families (d = num_decimals, h = 10^-d):
 
 Strings: integers as str(k); continuous centers as f"{k / 10^d:.{d}f}", which is exact for
 |k| < 2^52 (checked), so distinct k give distinct strings and zero prints as "0.00", never
-"-0.00" (the artifact's float centers could print both, hence SPEC.md's "merge equal adjacent
+"-0.00" (the artifact's float centers could print both, hence the method's "merge equal adjacent
 strings"; with exact strings there is nothing to merge). Exact-zero values are dropped and the
 probabilities renormalized, all in float64.
 """
@@ -59,7 +59,7 @@ import numpy as np
 from calft.families import LightFrozen, get_family
 
 TAIL_POLICIES = ("clip_to_edge_bin", "renormalize")
-_MAX_DECIMALS = 15  # beyond this 10^d * x cannot hold the exact integer k in float64
+MAX_DECIMALS = 15  # beyond this 10^d * x cannot hold the exact integer k in float64
 
 
 @dataclass
@@ -111,8 +111,8 @@ def _check_settings(num_decimals, max_bins, quantile_low, quantile_high, tail_po
     def is_int(x):
         return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
-    if not is_int(num_decimals) or not 0 <= num_decimals <= _MAX_DECIMALS:
-        raise ValueError(f"num_decimals must be an integer in [0, {_MAX_DECIMALS}], got {num_decimals!r}")
+    if not is_int(num_decimals) or not 0 <= num_decimals <= MAX_DECIMALS:
+        raise ValueError(f"num_decimals must be an integer in [0, {MAX_DECIMALS}], got {num_decimals!r}")
     if not is_int(max_bins) or max_bins < 1:
         raise ValueError(f"max_bins must be an integer >= 1, got {max_bins!r}")
     for name, q in (("quantile_low", quantile_low), ("quantile_high", quantile_high)):
@@ -173,7 +173,7 @@ def _integer_bins(dist, max_bins: int, q_low: float, q_high: float):
         hi = math.ceil(q[1]) if hi is None else hi
     hi = max(hi, lo)
     w_lo, w_hi = lo, hi
-    if hi - lo + 1 > max_bins:  # central window around the mode (SPEC.md fix)
+    if hi - lo + 1 > max_bins:  # central window around the mode (fix over the artifact, docs/method.md)
         band_lo = min(max(math.floor(q[0]), lo), hi)
         band_hi = max(min(math.ceil(q[1]), hi), band_lo)
         mode = _integer_mode(dist, band_lo, band_hi)
@@ -277,7 +277,7 @@ def _continuous_bins(family_id: str, dist, d: int, max_bins: int, q_low: float, 
 def _drop_zeros_and_normalize(family_id: str, params: dict, values: list[str], mass: np.ndarray):
     """Drop exact-zero values and renormalize (float64).
 
-    SPEC.md merges equal adjacent strings; none exist here: the grid indices k are strictly
+    docs/method.md merges equal adjacent strings; none exist here: the grid indices k are strictly
     increasing and `format_centers` is exact, so distinct k give distinct strings (the
     artifact's float formatting could print "-0.00" and "0.00" for neighbours).
     """

@@ -3,7 +3,7 @@
 Support mass and KL say whether answers look right; they cannot tell a sampler whose mean and
 spread move with the prompt's parameters from one that emits plausible numbers whatever it is
 asked. These metrics can. Per prompt, with x_s the numeric value of support string s, target p
-and the model's exact string probabilities m renormalized on the support (m / M, calft.evaluate):
+and the model's exact string probabilities m renormalized on the support (m / M, calft.scoring):
 
     target_mean, target_sd = mean and sd of x under p      (the discretized target)
     model_mean, model_sd   = mean and sd of x under m / M  (exact, no sampling)
@@ -157,8 +157,8 @@ def summarize_tracking(rows) -> dict:
     return out
 
 
-# The calibration issue's targets for the quick recipe, on unseen parameters inside the training
-# ranges: tracking metrics (pooled) and exact metrics (family means, calft.evaluate.summarize).
+# The calibration targets for the quick recipe, on unseen parameters inside the training
+# ranges: tracking metrics (pooled) and exact metrics (family means, calft.scoring.summarize).
 TARGETS = {"location_r2": (">=", 0.9), "sd_within_2x": (">=", 0.75), "median_sample_ks": ("<=", 0.2),
            "support_mass": (">=", 0.9)}
 
@@ -179,14 +179,3 @@ def missed_targets(tracking: dict, exact: dict, base_exact: dict | None = None) 
         if worse:
             missed.append(f"seq_kl_renorm worse than the base model's for {', '.join(worse)}")
     return missed
-
-
-def format_tracking_table(summaries: dict[str, dict], keys=SUMMARY_KEYS) -> str:
-    """Markdown: one row per model label, one column per pooled tracking metric present."""
-    from calft.evaluate import format_number
-
-    keys = [k for k in keys if any(k in s for s in summaries.values())]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for label, s in summaries.items():
-        lines.append(f"| {label} | " + " | ".join(format_number(s.get(k)) for k in keys) + " |")
-    return "\n".join(lines)

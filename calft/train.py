@@ -4,48 +4,36 @@ Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
     python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~27 min)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
-    python -m calft.train --recipe paper-hard --model Qwen/Qwen3-0.6B --output-dir runs/qwen-hard
-    python -m calft.train --mode trie --output-dir runs/trie  # exact expected soft loss: every trie node
     python -m calft.train --output-dir runs/quick --resume # continue an interrupted run exactly
 Scale out (the global --batch-size is kept; accumulation = batch / (micro batch x processes)):
     torchrun --nproc-per-node=4 -m calft.train --recipe paper-soft --model Qwen/Qwen3-8B
     torchrun --nproc-per-node=8 -m calft.train --recipe paper-soft --model google/gemma-3-27b-it --fsdp
 Every option: python -m calft.train --help
 
-The script reads top to bottom (STYLE.md rule 2): config, setup, data, model + PEFT, optimizer
-and schedule, one training loop, evaluation. The math of the objective is in calft/batching.py
-(positions, targets, weights) and calft/losses.py (the fused LM-head + sparse KL).
+The script reads top to bottom (nanoGPT's order): config, setup, data, model + PEFT, optimizer
+and schedule, one training loop, evaluation (calft.scoring.evaluate_models, as calft.eval). The
+objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
+calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability (calft/checkpoint.py). A checkpoint (output_dir/checkpoint: LoRA weights, optimizer
-state, step, token count and time so far, every rank's RNG states, the thread count; safetensors +
-JSON, nothing unpickled; the data order is a pure function of (seed, epoch, step)) is written to a
-temp dir and rotated in, every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after
-the current step; exit status 128 + signal) and on a non-finite loss (exit status 3). A kill at
-any moment leaves a state the next --resume repairs. --resume continues with the same loss
-sequence as an uninterrupted run, bit for bit, on the same machine with the same number of CPU
-threads (torch.get_num_threads(); float sums change with it, so resuming with another count warns).
-Bad flags fail before any work (exit status 2, one line). Only a directory calft started a run in
-(its .calft-run.json marker) is resumed or overwritten, --overwrite deletes only the files the run
-wrote, and one process at a time trains in a directory (a lock). Under torchrun, Ctrl-C reaches
-torchrun, which sends SIGTERM to the workers (and SIGKILL 30 s later: keep steps shorter than that).
-Scale-out. DDP (gloo on CPU, NCCL on GPU) or FSDP2 (--fsdp: one fully_shard unit per block,
-bf16 all-gathers with fp32 gradient reduction on GPU); each rank takes a contiguous slice of every
-global batch, and the loss weights are normalized by the global batch, so N processes take the
-same steps as one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
+Reliability (calft/checkpoint.py's docstring has the details): checkpoints every
+--checkpoint-interval steps, at the end, on SIGINT/SIGTERM (exit status 128 + signal) and on a
+non-finite loss (exit status 3); --resume continues bit for bit at the same thread count; bad flags
+fail before any work (exit status 2, one line); one process at a time per run directory.
+Scale-out: DDP or FSDP2 (--fsdp: one fully_shard unit per block); each rank takes a slice of every
+global batch, whose loss weights are normalized globally, so N processes take the same steps as
+one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
 """
 import argparse
-import dataclasses
 import gc
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,29 +42,34 @@ import numpy as np
 # passive wait costs nothing when the machine is idle. Must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-import torch.distributed as dist
-from tqdm import tqdm
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from calft import checkpoint
-from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer
-from calft.splits import SPLITS, get_split
+from calft import checkpoint  # noqa: E402
+from calft.batching import (build_batch, build_tree_batch, epoch_plan, global_num_positions,  # noqa: E402
+                            micro_batches, step_items, steps_per_epoch)
+from calft.cli import add_flags, comma_list, knob  # noqa: E402
+from calft.data import DataSettings, prepare_prompts  # noqa: E402
+from calft.families import get_family  # noqa: E402
+from calft.models import DEFAULT_MODEL, add_lora, check_model_files, decoder, load_model, load_tokenizer  # noqa: E402
+from calft.prompts import REASONING_EFFORTS, set_reasoning_effort, terminator_ids  # noqa: E402
+from calft.report import write_training_eval  # noqa: E402
+from calft.scoring import evaluate_models, without_adapter  # noqa: E402
+from calft.splits import SPLITS, get_split  # noqa: E402
+from calft.support import MAX_DECIMALS  # noqa: E402
+from calft.tree import SoftTargetKLLoss  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
-# config: every knob is a TrainConfig field and a CLI flag (--field-name); --recipe sets defaults
-
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
+# config: every knob is a TrainConfig field and a CLI flag (--field-name, calft.cli); --recipe sets defaults
 
 @dataclass
 class TrainConfig:
     # model
     model: str = knob(DEFAULT_MODEL, "HF model id, local directory, or the embedded alias")
-    reasoning_effort: str = knob("low", "what a chat template with a reasoning_effort variable (gpt-oss's "
-                                 "harmony) renders in its system message; the paper's artifact uses low",
-                                 ("low", "medium", "high"))
-    recipe: str = knob("quick", "sets the defaults of the other flags (SPEC.md section 7); flags "
+    reasoning_effort: str = knob("low", "reasoning level gpt-oss's template renders (paper: low)", REASONING_EFFORTS)
+    recipe: str = knob("quick", "sets the defaults of the other flags (docs/method.md, section 'Recipes'); flags "
                        "given explicitly override it", ("quick", "long", "paper-soft", "paper-hard"))
     mode: str = knob("soft", "soft = trie targets along sampled strings; hard = cross-entropy on "
                      "sampled strings; trie = every trie node of a prompt in one tree-attention "
@@ -135,7 +128,7 @@ class TrainConfig:
                        ("auto", "cpu", "cuda"))
     fsdp: bool = knob(False, "shard the model with FSDP2 (fully_shard) under torchrun")
     progress: bool = knob(True, "show progress bars")
-    # evaluation after training (exact metrics, SPEC.md section 8)
+    # evaluation after training (exact metrics, docs/method.md, section 'Metrics')
     eval: bool = knob(True, "evaluate base vs fine-tuned on --eval-split when training ends")
     eval_split: str = knob("test_within_range,test_selected", "comma-separated splits for the final "
                            f"evaluation, from: {', '.join(SPLITS)}; test_within_range = unseen "
@@ -148,32 +141,12 @@ class TrainConfig:
                              "for the sampling KS and mean error; 0 = exact metrics only")
 
 
-# Per-recipe defaults (SPEC.md section 7). quick: the embedded 135M model on 2 CPU cores in about
-# 10 min, evaluation included: 16 prompts per training family x 2 epochs = 92 steps of 8 prompts
-# (~1.9 s each on 2 quiet cores), soft targets along 4 sampled strings per prompt that share one
-# tree-attention forward of the prompt (--share-prompt, packed: about the cost of one string, 4x
-# the supervision), LoRA on every linear layer, lr 1.5e-3 (the paper's 2e-4 is for ~200 steps of
-# 32). docs/calibration.md measures the alternatives: at the same 92 steps, one string per prompt
-# followed the parameters less well (location R^2 0.86 vs 0.89, median KS 0.21 vs 0.19); all 1988
-# prompts, 176 steps, lr 3e-3, trie mode and hard targets did not do better either.
-# Training and evaluation use 1 decimal: with 2 decimals and 1001 bins, 11 of the 24 selected
-# prompts have more grid strings than bins, so their supports skip strings a calibrated model
-# emits and support_mass cannot reach 1; at 1 decimal only the heavy tails (cauchy, lognormal) do.
-# 1 decimal also makes the tries, and so the exact evaluation, ~5x smaller. The final evaluation
-# (base and fine-tuned, exact, on 3 + 1 prompts per family, plus 50 samples per prompt of the
-# fine-tuned model) takes about half of the 10 minutes.
-# The paper recipes reproduce the artifact's loop (chandar-lab/calibration-finetuning,
-# calibrate_sft/train_loop.py): the last partial batch is trained (1988 prompts / 32 = 63 steps
-# per epoch, not 62), warmup is transformers' int(3% x steps) with lr x s/W, and no clipping.
-# long: the quick recipe on every training prompt for 640 steps (~21 min of training on 2
-# cores, ~27 min for the whole command). The quick recipe misses the calibration targets in its 10
-# minutes; benchmarks/calibration_curve.py (docs/calibration.md) measured the metrics against
-# training time, and a 960-step run passed every target from its step-640 snapshot on.
+# Per-recipe defaults (why each value, what the alternatives measured: docs/method.md, 'Recipes'). The paper
+# recipes reproduce the artifact's loop (last partial batch trained, HF int(3% x steps) warmup, no clipping).
 _ARTIFACT_LOOP = dict(keep_last_batch=True, warmup_rule="hf", grad_clip=0.0)
-_QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=True, num_decimals=1,
-              max_bins=1001, max_prompts_per_family=16, epochs=2,
-              batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0,
-              lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=1001,
+_QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=True, num_decimals=1, max_bins=1001,
+              max_prompts_per_family=16, epochs=2, batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05,
+              lora_dropout=0.0, lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=1001,
               eval_samples=50)
 RECIPES = {
     "quick": _QUICK,
@@ -184,33 +157,19 @@ RECIPES = {
     "paper-hard": dict(mode="hard", num_decimals=5, max_bins=16384, samples_per_prompt=16, epochs=2,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
 }
-# argparse groups: the field that opens each group -> its title
 FLAG_GROUPS = {"model": "model", "train_split": "data", "epochs": "optimization", "lora_r": "LoRA",
                "seed": "run", "eval": "evaluation after training"}
 # Fields that may differ between a run and its --resume (they do not change the trained weights).
-RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "snapshot_steps", "device", "progress",
-                   "micro_batch_size", "checkpoint_interval", "eval", "eval_split", "eval_decimals", "eval_bins",
-                   "eval_prompts_per_family", "eval_samples", "output_dir"}
+RUN_ONLY_FIELDS = {"resume", "overwrite", "stop_at_step", "snapshot_steps", "device", "progress", "micro_batch_size",
+                   "checkpoint_interval", "output_dir", *(k for k in TrainConfig.__dataclass_fields__ if k.startswith("eval"))}
 
 
 def parse_config(argv=None) -> TrainConfig:
     """Flags from the dataclass fields; recipe defaults first, then explicit flags."""
     parser = argparse.ArgumentParser(prog="python -m calft.train", description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
-    group = parser
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in FLAG_GROUPS:
-            group = parser.add_argument_group(FLAG_GROUPS[f.name])
-        per_recipe = ", ".join(f"{r}: {d[f.name]}" for r, d in RECIPES.items() if f.name in d)
-        help = f"{f.metadata['help']} (default: {f.default!r}{'; ' + per_recipe if per_recipe else ''})"
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            choices = f.metadata["choices"]
-            group.add_argument(flag, type=typ, choices=choices, help=help,
-                               metavar="{" + ",".join(choices) + "}" if choices else typ.__name__.upper())
+    add_flags(parser, TrainConfig, FLAG_GROUPS, extra_help=lambda name: ", ".join(
+        f"{r}: {d[name]}" for r, d in RECIPES.items() if name in d))
     given = vars(parser.parse_args(argv))
     recipe = dict(RECIPES[given.get("recipe", TrainConfig.recipe)])
     if given.get("mode", recipe.get("mode")) != recipe.get("mode"):
@@ -228,8 +187,7 @@ cfg = parse_config()
 
 
 def fail(message: str, status: int = 2):
-    """A clear one-line error (no traceback); status 2 = bad input (found before any work),
-    1 = a fault during the run (e.g. a checkpoint that cannot be written)."""
+    """A one-line error, no traceback; status 2 = bad input (before any work), 1 = a fault in the run."""
     print(f"calft.train: error: {message}", file=sys.stderr, flush=True)
     checkpoint.release_locks()
     sys.exit(status)
@@ -237,15 +195,6 @@ def fail(message: str, status: int = 2):
 
 # ------------------------------------------------------------------------------------------------
 # setup: validate everything cheap first, then processes, device, seeds, output dir
-
-from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, epoch_plan,  # noqa: E402
-                            global_num_positions, micro_batches, step_items, steps_per_epoch)
-from calft.data import DataSettings, prepare_prompts  # noqa: E402
-from calft.families import get_family  # noqa: E402
-from calft.prompts import set_reasoning_effort, terminator_ids  # noqa: E402
-from calft.models import check_model_files  # noqa: E402
-from calft.support import _MAX_DECIMALS  # noqa: E402
-
 
 def check_config(cfg: TrainConfig) -> None:
     """Every flag, before any work (ValueError naming the flag); sentinels are -1."""
@@ -260,17 +209,17 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, key) < 1 and getattr(cfg, key) != -1:
             raise ValueError(f"{flag(key)} must be >= 1, or -1 (the sentinel), got {getattr(cfg, key)}")
     for key in ("num_decimals", "eval_decimals"):
-        if not 0 <= getattr(cfg, key) <= _MAX_DECIMALS:
-            raise ValueError(f"{flag(key)} must be in [0, {_MAX_DECIMALS}], got {getattr(cfg, key)}")
+        if not 0 <= getattr(cfg, key) <= MAX_DECIMALS:
+            raise ValueError(f"{flag(key)} must be in [0, {MAX_DECIMALS}], got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
-    for split in cfg.eval_split.split(","):
+    for split in cfg.eval_split.split(","):  # an empty item is an error here too
         if split.strip() not in SPLITS:
             raise ValueError(f"--eval-split: unknown split {split.strip()!r}; known: {', '.join(SPLITS)}")
     try:
-        snapshots = [int(x) for x in cfg.snapshot_steps.split(",") if x.strip()]
+        snapshots = [int(x) for x in comma_list(cfg.snapshot_steps)]
     except ValueError:
         raise ValueError(f"--snapshot-steps must be comma-separated step numbers, got {cfg.snapshot_steps!r}") from None
     if any(s < 1 for s in snapshots):
@@ -305,10 +254,10 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 try:
-    families = [s.strip() for s in cfg.families.split(",") if s.strip()] or None
+    families = comma_list(cfg.families) or None
     for fam in families or ():
         if get_family(fam).held_out and cfg.train_split == "train":
-            raise ValueError(f"family {fam!r} is held out (SPEC.md section 2): it is never trained on")
+            raise ValueError(f"family {fam!r} is held out (docs/method.md, section 'Families and grids'): it is never trained on")
     check_config(cfg)
     set_reasoning_effort(cfg.reasoning_effort)  # before any prompt is rendered
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
@@ -339,49 +288,16 @@ grad_accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
 # bf16 autocast on CUDA (LoRA weights and the loss stay fp32); plain fp32 on CPU
 autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
-# The run directory: only a directory calft started a run in (its marker, calft.checkpoint) is
-# reused, resumed or overwritten; one process at a time (an flock held until exit).
+# The run directory (calft.checkpoint.claim_run_dir): only a directory calft started a run in (its
+# marker) is reused, resumed or overwritten; one process at a time (an flock held until exit).
 out_dir = Path(cfg.output_dir)
 ckpt_dir = out_dir / checkpoint.CKPT
 metrics_path = out_dir / "metrics.jsonl"
-train_fields = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
 if master:
-    if out_dir.is_dir() and not checkpoint.is_run(out_dir) and \
-            any(p.name != checkpoint.LOCK_NAME for p in out_dir.iterdir()):
-        fail(f"{out_dir} is not empty and holds no calft run (no {checkpoint.RUN_MARKER}): choose "
-             "another --output-dir, or an empty or new one")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        locked = checkpoint.hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until the script ends
-    except OSError as err:
-        fail(f"cannot write to --output-dir {out_dir}: {err.strerror or err}")
-    if not locked:
-        fail(f"another calft.train process is running in {out_dir} (it holds "
-             f"{out_dir / checkpoint.LOCK_NAME}): wait for it to finish, or choose another --output-dir")
-    if checkpoint.is_run(out_dir):
-        try:
-            old = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        old = {k: v for k, v in old.items() if k not in RUN_ONLY_FIELDS}
-        if cfg.overwrite:
-            checkpoint.remove_run(out_dir)  # only the files calft wrote
-        elif old != train_fields:
-            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
-                    if old.get(k) != train_fields.get(k)}
-            fail(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
-                 "--overwrite to replace it or choose another --output-dir")
-        elif not cfg.resume:
-            fail(f"{out_dir} already holds this run: pass --resume to continue it or --overwrite "
-                 "to start over")
-        elif checkpoint.recover(out_dir) is None and metrics_path.exists():
-            print(f"calft.train: warning: {out_dir} has no checkpoint (the run stopped before its "
-                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
-    elif cfg.resume:
-        print(f"calft.train: warning: no run in {out_dir} yet: --resume starts a new one",
-              file=sys.stderr, flush=True)
-    checkpoint.record_files(out_dir, ["config.json", "metrics.jsonl"])
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume, overwrite=cfg.overwrite)
+    except checkpoint.RunDirError as err:
+        fail(str(err))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}")
 if distributed:
@@ -416,7 +332,7 @@ try:
 except ValueError as err:
     fail(str(err))
 max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
-snapshot_steps = {int(x) for x in cfg.snapshot_steps.split(",") if x.strip()}
+snapshot_steps = {int(x) for x in comma_list(cfg.snapshot_steps)}
 if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set by --epochs
     print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
           f"reached: {sorted(s for s in snapshot_steps if s > max_steps)}", file=sys.stderr, flush=True)
@@ -438,15 +354,13 @@ if model.config.vocab_size < len(tokenizer):
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=("all-linear" if cfg.lora_targets.strip() == "all-linear" else
-                                     [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]))
+                                     comma_list(cfg.lora_targets)))
 except ValueError as err:
     fail(str(err))
 model.train()
-objective = SparseKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp)
+objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp)
 trainable = [p for p in objective.parameters() if p.requires_grad]
 if cfg.fsdp:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if autocast_dtype else MixedPrecisionPolicy()
     for layer in decoder(model).layers:  # one FSDP unit per transformer block, then the root
         fully_shard(layer, mp_policy=mp)
@@ -484,60 +398,29 @@ def get_lr(step: int) -> float:
 # checkpoints (calft/checkpoint.py): trainable tensors + optimizer + RNG states as safetensors,
 # the rest as JSON, written to a temp dir and rotated in; nothing is unpickled on --resume
 
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 trainable_names = {n for n, p in objective.named_parameters() if p.requires_grad}
-
-
-def trainable_state() -> dict:
-    """Full (gathered) trainable tensors only: never the frozen base, tied LM head included."""
-    return {k: v for k, v in get_model_state_dict(objective, options=FULL).items() if k in trainable_names}
-
-
-def adapter_state(trainable: dict) -> dict:
-    """Trainable tensors under PEFT's adapter names (the objective wraps the model as `model.`)."""
-    return {k.removeprefix("model."): v.detach().cpu() for k, v in trainable.items()}
 
 
 def save_checkpoint(step: int):
     """Collective under FSDP (every rank gathers), then rank 0 writes ckpt_dir atomically."""
-    lora = trainable_state()
-    optim = get_optimizer_state_dict(objective, optimizer, options=FULL)
-    rng = [checkpoint.rng_states(device.type == "cuda")]
-    if distributed:  # every rank's generators (dropout draws differ by rank)
-        rng = [None] * world_size
-        dist.all_gather_object(rng, checkpoint.rng_states(device.type == "cuda"))
+    lora, optim, rng = checkpoint.gather_training_state(objective, optimizer, trainable_names,
+                                                        with_cuda=device.type == "cuda", world_size=world_size)
     if not master:
         return
-    rng_json, rng_tensors = checkpoint.pack_rng(rng)
-    optim_json, optim_tensors = checkpoint.pack_optimizer(optim)
     meta = {"step": step, "epoch": step // spe, "step_in_epoch": step % spe, "config": asdict(cfg),
             "train_time_s": elapsed_before + time.time() - t_start, "tokens": tokens_before + tokens_seen,
-            "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(),
-            "world_size": world_size, "rng": rng_json, "optimizer": optim_json}
-    adapter = adapter_state(lora)
+            "loss": last_loss, "segments": segment, "threads": torch.get_num_threads(), "world_size": world_size}
     try:
-        checkpoint.save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
-                        meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+        checkpoint.save_training_state(out_dir, model, lora, optim, rng, meta)
     except checkpoint.CheckpointError as err:
         fail(str(err), status=1)
 
 
 def save_snapshot(step: int):
-    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
-    adapter = adapter_state(trainable_state())
-    if not master:
-        return  # under FSDP every rank took part in gathering the state
-    checkpoint.record_files(out_dir, ["snapshots"])
-    final = out_dir / "snapshots" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)
-    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
-    os.replace(tmp, final)
+    """The adapter after `step` in snapshots/step_<step> (collective under FSDP)."""
+    adapter = checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names))
+    if master:
+        checkpoint.save_snapshot(out_dir, model, adapter, step)
 
 
 # resume: step, timings, token count and last loss carry over; the run's segments add up
@@ -546,15 +429,7 @@ last_loss = float("nan")  # of the last step taken (the summary's final_loss)
 t_start = time.time()  # training time of this process; elapsed_before = earlier processes
 if cfg.resume and ckpt_dir.exists():
     try:
-        tensors, state = checkpoint.load(ckpt_dir)
-        lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        if set(lora) != trainable_names:
-            raise checkpoint.CheckpointError(f"{ckpt_dir} holds {len(lora)} trainable tensors, but "
-                                             f"this model has {len(trainable_names)} (or other names)")
-        set_model_state_dict(objective, lora, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(objective, optimizer, checkpoint.unpack_optimizer(state["optimizer"], tensors),
-                                 options=StateDictOptions(full_state_dict=True))
-        rng = checkpoint.unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
+        state, rng = checkpoint.load_training_state(ckpt_dir, objective, optimizer, trainable_names, rank, world_size)
     except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError) as err:
         fail(f"cannot resume from {ckpt_dir}: {err}. Nothing was changed; pass --overwrite instead of "
              "--resume to start this run over")
@@ -568,24 +443,14 @@ if cfg.resume and ckpt_dir.exists():
             print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
                   f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
                   "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
-        if metrics_path.exists():  # drop steps logged after that checkpoint (redone) and a torn last line
-            kept = []
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        checkpoint.truncate_metrics(metrics_path, step)  # steps logged after that checkpoint are redone
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
 
 def end_processes():
-    """Release the run-directory lock; under torchrun, let every rank arrive, then free the
-    DDP/FSDP objects and destroy the process group while the interpreter is still whole. Left to
-    interpreter shutdown, gloo's worker threads could still hold finished work objects whose
-    tensors need the GIL: a rank then died with SIGABRT after its last line of output."""
+    """Release the run-directory lock; under torchrun, free the DDP/FSDP objects and destroy the
+    process group while the interpreter is whole (at shutdown, gloo's threads made ranks SIGABRT)."""
     global wrapped, objective, model, optimizer, trainable
     checkpoint.release_locks()
     if distributed:
@@ -715,10 +580,10 @@ if exit_code or step < max_steps:
 if master:  # the run marker lists every file written here (--overwrite deletes only those)
     card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
     checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
-    model.save_pretrained(out_dir, state_dict=adapter_state(trainable_state()))
+    model.save_pretrained(out_dir, state_dict=checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names)))
     checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
 elif cfg.fsdp:
-    trainable_state()  # collective: every rank takes part
+    checkpoint.trainable_state(objective, trainable_names)  # collective: every rank takes part
 # every segment of a resumed run counts: time and tokens come from the checkpoint
 train_time = elapsed_before + train_time
 summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_time_s": train_time,
@@ -728,48 +593,22 @@ summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_
 if cfg.eval and cfg.fsdp and master:
     print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter "
           "with python -m calft.eval")
-if cfg.eval and master and not cfg.fsdp:
-    from calft.evaluate import evaluate_exact, format_comparison_table, summarize
-    from calft.plots import plot_tracking
-    from calft.sampling import evaluate_sampling
-    from calft.tracking import format_tracking_table, missed_targets, sample_tracking, summarize_tracking
-
+if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft.eval's code path too
     eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
     model.eval()
-    t_eval, results = time.time(), {}
-    for split in [s.strip() for s in cfg.eval_split.split(",") if s.strip()]:
+    t_eval, eval_prompts = time.time(), {}
+    for split in comma_list(cfg.eval_split):
         members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
                                max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
-        eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            with model.disable_adapter():
-                base_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-            tuned_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
-            if cfg.eval_samples > 0:  # the fine-tuned model only: the base answers in prose (slow, ~0 valid)
-                sampled = evaluate_sampling(model, tokenizer, eval_prompts, num_samples=cfg.eval_samples,
-                                            seed=cfg.seed, progress=cfg.progress)
-                for row, prep, smp in zip(tuned_rows, eval_prompts, sampled):
-                    row.update(smp.metrics, **sample_tracking(prep.support, smp.values))
-        base_summary, tuned_summary = summarize(base_rows), summarize(tuned_rows)
-        base_track, tuned_track = summarize_tracking(base_rows), summarize_tracking(tuned_rows)
-        table = format_comparison_table({"base": base_summary, "fine-tuned": tuned_summary},
-                                        metrics=["support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm"])
-        tracking = format_tracking_table({"base": base_track, "fine-tuned": tuned_track})
-        misses = missed_targets(tuned_track, tuned_summary, base_summary)
-        print(f"\n{split}: {len(eval_prompts)} prompts ({cfg.eval_decimals} decimals, {cfg.eval_bins} bins)\n"
-              f"does the model follow the parameters? (pooled over families; see calft/tracking.py)\n{tracking}\n"
-              f"exact metrics (family means):\n{table}\n"
-              + (f"targets missed: {'; '.join(misses)}" if misses else "all calibration targets met"))
-        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
-                      title=f"{split}: model vs target mean and sd")
-        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
-                          "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
-        checkpoint.record_files(out_dir, [f"eval_table_{split}.md", f"tracking_{split}.png"])
-        (out_dir / f"eval_table_{split}.md").write_text(f"{tracking}\n\n{table}\n")
-    checkpoint.record_files(out_dir, ["eval.json"])
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))
+        eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+    # the fine-tuned model only is sampled: the base answers in prose (slow, ~0 valid)
+    scored = evaluate_models([("base", lambda: without_adapter(model)), ("fine-tuned", lambda: nullcontext(model))],
+                             tokenizer, eval_prompts, sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
+                             seed=cfg.seed, autocast=(device.type, autocast_dtype) if autocast_dtype else None,
+                             progress=cfg.progress)
+    results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
+                                  record=lambda names: checkpoint.record_files(out_dir, names))
     summary.update(eval_time_s=time.time() - t_eval,
                    eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
                          for k, v in results.items()})

@@ -1,7 +1,7 @@
 """Run the model over the nodes of an answer trie after a shared prompt (tree attention).
 
 Used by exact evaluation (score_trie: log m(t|v) at every node, no gradients) and by trie-mode
-training (calft.batching.build_tree_batch + SparseKLLoss: hidden states at the trained nodes,
+training (calft.batching.build_tree_batch + SoftTargetKLLoss: hidden states at the trained nodes,
 with gradients). The mask and position construction lives here once.
 
 Tree attention (SpecInfer, Miao et al. 2023, arXiv 2305.09781; Medusa, Cai et al. 2024). A trie
@@ -31,12 +31,16 @@ one type gets that type's mask as a tensor.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import torch
 
-from calft.models import decoder, unwrap
-from calft.sampling import cache_kwarg
+from torch import nn
+from transformers import DynamicCache
+
+from calft.losses import linear_soft_target_kl
+from calft.models import cache_kwarg, decoder, lm_head_weight, unwrap
 
 TREE_ATTENTION = ("eager", "sdpa")  # attention backends that honour a custom 4D float mask
 LOGIT_ROWS = 256  # LM-head rows per step: bounds the [R, V] logits buffer (V=152k -> 150 MB fp32)
@@ -301,3 +305,67 @@ def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
                               tensor(positions), cache)[0]  # [C, H]
         gather(hidden[len(anc):], nodes)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the training objective on one batch (calft.batching builds the Batch)
+
+class SoftTargetKLLoss(nn.Module):
+    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a calft.batching.Batch.
+
+    Wraps the model so that DDP / FSDP2 see one root module whose forward is the whole objective:
+    the decoder runs over [B, T], only the N trained rows of its last hidden state reach the fused
+    LM-head + sparse-KL op, so no [B, T, V] (or [N, V]) logits tensor is ever materialized.
+    """
+
+    def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
+                 share_prefix: bool = True):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
+        # then the rest) loses the gathered weights that the first call's backward needs.
+        self.share_prefix = share_prefix
+
+    def hidden_rows(self, batch) -> torch.Tensor:
+        """Last hidden state at the N trained positions: [N, H].
+
+        Shared prefix (P0 = batch.prefix_len > 0): the first P0 tokens are identical in every row,
+        so they run once (batch 1) into a KV cache that is repeated B times, and only the
+        T - P0 remaining tokens of each row run on top of it (positions P0..T-1, the full [B, T]
+        attention mask). Causal attention makes this the same computation as the full forward
+        (one LoRA-dropout mask for the shared part); gradients flow through the cache into the
+        prefix. On SmolLM2 prompts it removes ~(B-1)/B of the prefix, ~45% of the tokens at B = 8.
+        """
+        body = decoder(self.model)
+        B, T = batch.input_ids.shape
+        P0 = batch.prefix_len if self.share_prefix else 0
+        if batch.tree_mask is not None:  # prompt + trie nodes (calft.tree)
+            h = forward_tree_batch(self.model, batch.input_ids, batch.position_ids, batch.tree_mask, P0)
+            rows = batch.gather_index - P0 * (batch.gather_index // T + 1)  # b*T + t -> b*(T-P0) + t-P0
+        elif P0 == 0:
+            h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False).last_hidden_state  # [B, T, H]
+            rows = batch.gather_index
+        else:
+            # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
+            name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+            cache = DynamicCache()
+            body(input_ids=batch.input_ids[:1, :P0], use_cache=True, **{name: cache})
+            cache.batch_repeat_interleave(B)
+            positions = torch.arange(P0, T, device=batch.input_ids.device).expand(B, -1)
+            h = body(input_ids=batch.input_ids[:, P0:], attention_mask=batch.attention_mask,
+                     position_ids=positions, use_cache=True, **{name: cache}).last_hidden_state  # [B, T-P0, H]
+            # flat index b*T + t  ->  b*(T - P0) + (t - P0)
+            rows = batch.gather_index - P0 * (batch.gather_index // T + 1)
+        return h.reshape(-1, h.shape[-1]).index_select(0, rows)  # [N, H]
+
+    def forward(self, batch) -> torch.Tensor:
+        device_type = batch.input_ids.device.type
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            rows = self.hidden_rows(batch)
+        weight, bias = lm_head_weight(self.model)
+        # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
+        return linear_soft_target_kl(rows.to(weight.dtype), weight, batch.targets, bias=bias, weights=batch.weights,
+                                     reduction="sum", validate=False)

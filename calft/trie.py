@@ -1,4 +1,4 @@
-"""Prefix tries over weighted token sequences: the soft targets of SPEC.md section 4.
+"""Prefix tries over weighted token sequences: the soft targets of docs/method.md, section 'Trie targets'.
 
 A support is a list of token sequences s_i (each canonical answer string, tokenized, with EOS
 appended when `eos_id` is given) with weights w_i >= 0. With p_i = w_i / sum_j w_j, every prefix

@@ -1,7 +1,7 @@
 """Fused LM head + sparse soft-target KL: the [N, V] logits are never held in memory.
 
 With hidden states h [N, H], LM head W [V, H] and optional bias b [V], the logits are
-z = h W^T + b and the loss per row is the KL of `calft.kernels.sparse_kl` (SPEC.md section 5):
+z = h W^T + b and the loss per row is the KL of `calft.kernels.sparse_kl` (docs/method.md, section 'The loss'):
 
     KL_r = sum_S q_k log q_k - (1/tau) sum_S q_k z_k + m_r * lse_r                          (1)
     G    = dKL/dz = (m * softmax(z/tau) - Q) / tau * c        (Q: the CSR targets, dense [N,V]) (2)
@@ -315,7 +315,7 @@ def linear_sparse_kl_backward(hidden, weight, bias, row_ptr, token_ids, probs, l
     return d_h, d_w, d_b
 
 
-class LinearSparseKLFunction(torch.autograd.Function):
+class LinearSoftTargetKLFunction(torch.autograd.Function):
     """Autograd wrapper: per-row KL (1) of hidden @ weight^T (+ bias), fp32 [N]; backward (3).
 
     apply(hidden, weight, bias, row_ptr, token_ids, probs, tau, chunk_v)."""

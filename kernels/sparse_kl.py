@@ -7,7 +7,7 @@ For row r of logits z [N, V], temperature tau and a sparse target q_r over the i
          = sum_S q_k log q_k - (1/tau) sum_S q_k z_k + m * lse_r,      lse_r = logsumexp(z_r/tau)   (1)
     dKL_r/dz_r = (m * softmax(z_r/tau) - q_r) / tau          (q scattered to the vocabulary)   (2)
 
-(SPEC.md section 5.) Conventions: entries with q_k = 0 contribute nothing (0 log 0 = 0), rows
+(docs/method.md, section 'The loss'.) Conventions: entries with q_k = 0 contribute nothing (0 log 0 = 0), rows
 without entries have KL = 0 and zero gradient, m need not be 1 (then (1) is the generalized KL,
 and (2) is still its exact gradient). A target id whose logit is -inf while q_k > 0 gives a
 genuine KL = +inf; its gradient (2) stays finite. Logits of -inf off the support are fine.
@@ -247,7 +247,7 @@ def sparse_kl_backward(logits: torch.Tensor, row_ptr: torch.Tensor, token_ids: t
     return grad
 
 
-class SparseKLFunction(torch.autograd.Function):
+class SoftTargetKLFunction(torch.autograd.Function):
     """Autograd wrapper: per-row KL (1) of logits [N, V], fp32 [N]; backward (2).
 
     apply(logits, row_ptr, token_ids, probs, tau, inplace, block_v, num_splits). With

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import calft.evaluate as ev
-from calft.batching import SparseKLLoss, build_batch, global_num_positions
+import calft.scoring as ev
+from calft.tree import SoftTargetKLLoss
+from calft.batching import build_batch, global_num_positions
 from calft.data import DataSettings, prepare_prompts
 from calft.models import load_model
 from calft.prompts import answer_format, render_chat, terminator_ids
@@ -71,7 +72,7 @@ def test_multi_token_terminator_trains_and_scores(chained, tiny_model_dir):
         batch = build_batch([prep], items, mode=mode, pad_id=chained.pad_token_id, eos_id=term, global_batch=2,
                             global_positions=global_num_positions([prep], items, len(term)))
         assert batch.gather_index.numel() == int(lens[0] + lens[3] + 4)
-        assert torch.isfinite(SparseKLLoss(model)(batch))
+        assert torch.isfinite(SoftTargetKLLoss(model)(batch))
     got = ev.exact_metrics(model, chained, prep, return_log_probs=True)["log_m"]
     ref = ev.sequence_log_probs_ref(model, prep.prompt_ids, prep.answer_ids, term)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)

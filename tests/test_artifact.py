@@ -79,7 +79,7 @@ def test_selected_and_sampled_split_prompts_equal_the_artifacts():
     checked = 0
     for s in specs:
         if get_family(s.family_id).integer_only:
-            continue  # integer supports follow SPEC.md's fixes (both tails, window at the mode)
+            continue  # integer supports follow docs/method.md's fixes (both tails, window at the mode)
         for d in (2, 5):
             assert build_support(s.family_id, s.params_dict, num_decimals=d).values == \
                 artifact_grid(s.family_id, s.params_dict, d, 1001), (str(s), d)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from calft.batching import (SparseKLLoss, balanced_order, build_batch, epoch_plan, global_num_positions, micro_batches,
+from calft.tree import SoftTargetKLLoss
+from calft.batching import (balanced_order, build_batch, epoch_plan, global_num_positions, micro_batches,
                             sample_strings, step_items, steps_per_epoch)
 
 
@@ -177,8 +178,8 @@ def test_batch_loss_matches_dense_oracle(prepared, tiny_tokenizer, tiny_model_di
     batch = build_batch(prepared, items, mode=mode, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                         global_batch=4, global_positions=total)
     assert batch.prefix_len >= 8  # the chat template's shared start runs once (batch 1)
-    unshared = SparseKLLoss(model)(dataclasses.replace(batch, prefix_len=0))
-    loss = SparseKLLoss(model)(batch)
+    unshared = SoftTargetKLLoss(model)(dataclasses.replace(batch, prefix_len=0))
+    loss = SoftTargetKLLoss(model)(batch)
     torch.testing.assert_close(loss, unshared, rtol=1e-5, atol=1e-6)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,14 +1,14 @@
-"""Prepared data: real SmolLM2 tokenizer sizes (SPEC.md section 4), exactness of the piecewise
+"""Prepared data: real SmolLM2 tokenizer sizes (docs/method.md, section 'Trie targets'), exactness of the piecewise
 tokenization and in-context check against the tokenizer itself, and the on-disk cache."""
 
-import warnings
 
 import numpy as np
 import pytest
 
 import calft.data as data
-from calft.data import DataSettings, TokenSequences, prepare_prompts, prepare_split, tokenize_values
-from calft.prompts import answer_token_ids, check_in_context_tokenization, prompt_token_ids, render_chat
+from calft.data import DataSettings, TokenSequences, prepare_prompts, prepare_split
+from calft.prompts import prompt_token_ids, render_chat
+from calft.tokenization import answer_token_ids, check_in_context_tokenization
 from calft.splits import get_split
 from calft.trie import build_trie, reference_build_trie
 
@@ -42,7 +42,7 @@ def test_selected_prompts_sizes_spec_section_4(selected, smollm2_tokenizer):
         branching = np.diff(trie.row_ptr).max()
         leaf_depth = trie.depth[trie.sequence_leaf]
         if not prep.support.integer:
-            # SPEC.md section 4 says ~3.3k nodes (max ~7k); these supports give 3.8k-8.5k
+            # docs/method.md, section 'Trie targets' says ~3.3k nodes (max ~7k); these supports give 3.8k-8.5k
             # (gaussian 5.2k, cauchy 8.1k, lognormal 8.5k: wide ranges share fewer digits).
             assert len(prep.support.values) == 1001
             assert 3000 <= trie.num_nodes <= 9000, (prep.spec, trie.num_nodes)
@@ -114,103 +114,6 @@ def test_prepare_split_and_default_cache_dir(smollm2_tokenizer, tmp_path, monkey
 
 
 # ---- piecewise tokenization == the tokenizer, on every path ------------------------------------
-def numbers(seed=0):
-    rng = np.random.default_rng(seed)
-    vals = [f"{x:.{d}f}" for d in (0, 1, 3, 5) for x in rng.normal(0, 10.0 ** rng.integers(0, 4), 300)]
-    vals += [str(k) for k in rng.integers(-50, 5000, 200)]
-    vals += ["0", "-0.00001", "123456789012345678901234", "-98765432109876543210.5", "7"]
-    return vals
-
-
-@pytest.fixture(scope="module")
-def multidigit_tokenizer(tmp_path_factory):
-    """Byte-level BPE trained on numbers: merges digits into multi-digit tokens (no digit split)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(numbers(seed)) for seed in range(5)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<s>")
-    fast.chat_template = "<s>user\n{{ messages[0]['content'] }}<eos>\n<s>assistant\n"
-    return fast
-
-
-@pytest.fixture(scope="module")
-def metaspace_tokenizer():
-    """SentencePiece-style (prefix '▁' on the first piece): the piecewise path must not apply."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"])
-    tok.train_from_iterator([" ".join(numbers(seed)) for seed in range(3)], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
-
-
-@pytest.mark.parametrize("name", ["smollm2", "tiny", "multidigit", "metaspace"])
-def test_tokenize_values_equals_tokenizer(name, request):
-    tok = request.getfixturevalue({"smollm2": "smollm2_tokenizer", "tiny": "tiny_tokenizer",
-                                   "multidigit": "multidigit_tokenizer", "metaspace": "metaspace_tokenizer"}[name])
-    values = numbers(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the spot checks must not have caught a difference
-        flat, offsets = tokenize_values(tok, values)
-    assert flat.dtype == offsets.dtype == np.int64
-    assert as_lists(flat, offsets) == exact_tokens(tok, values)
-    if name == "multidigit":  # merges exist, so the memo path (not one token per digit) ran
-        assert data._Pieces(tok.backend_tokenizer).digit_lut is None
-    if name in ("smollm2", "tiny"):
-        assert data._Pieces(tok.backend_tokenizer).digit_lut is not None
-
-
-def test_tokenize_values_grouped_path(smollm2_tokenizer, monkeypatch):
-    """The general (per-skeleton, per-piece) path, forced on a digit-level tokenizer."""
-    monkeypatch.setattr(data._Pieces, "char_lut", lambda self, names, cuts: None)
-    values = numbers(4)
-    assert as_lists(*tokenize_values(smollm2_tokenizer, values)) == exact_tokens(smollm2_tokenizer, values)
-    monkeypatch.setattr(data._Pieces, "__init__", lambda self, backend: (
-        setattr(self, "backend", backend), setattr(self, "memo", {}), setattr(self, "usable", True),
-        setattr(self, "digit_lut", None), setattr(self, "isolated", False)) and None)
-    assert as_lists(*tokenize_values(smollm2_tokenizer, values)) == exact_tokens(smollm2_tokenizer, values)
-
-
-def test_tokenize_values_fallbacks(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    odd = ["1.5", "ü2", "3"]  # not ASCII -> the exact path
-    assert as_lists(*tokenize_values(tok, odd)) == exact_tokens(tok, odd)
-    values = numbers(2)[:200]
-    assert as_lists(*tokenize_values(tok, values, exact=True)) == exact_tokens(tok, values)
-    assert as_lists(*tokenize_values(tok, [])) == []
-
-
-# ---- in-context check ----------------------------------------------------------------------------
-def run_check(tok, rendered, values, full=False):
-    prompt_ids, tails = data._encode_prompts(tok, [rendered])
-    flat, offsets = data._answers_in_context(tok, [rendered], prompt_ids, tails, values, np.array([len(values)]),
-                                             full=full)
-    assert as_lists(flat, offsets) == answer_token_ids(tok, values, rendered)
-    return tails[0]
-
-
-def test_in_context_check_passes_for_chat_prompt(smollm2_tokenizer):
-    rendered = render_chat(smollm2_tokenizer, "Generate exactly ONE random number.")
-    assert run_check(smollm2_tokenizer, rendered, numbers(3)) == "assistant\n"
-
-
-@pytest.mark.parametrize("rendered", ["<|im_start|>assistant ", "The number is "])
-def test_in_context_mismatch_is_reported(smollm2_tokenizer, rendered):
-    # After a trailing space, SmolLM2 merges " -" into one token, so "-3.5" tokenizes differently
-    # in context than alone; digits have no such merge. With and without a special token before.
-    with pytest.raises(ValueError, match=r"(?s)1 of 1 prompts fail.*1 of 3 support strings do not split cleanly") as err:
-        run_check(smollm2_tokenizer, rendered, ["5", "12", "-3.5"])
-    assert "'-3.5': from token" in str(err.value) and "' -'" in str(err.value)
-
-
 def test_token_sequences_acts_like_a_list():
     seqs = TokenSequences(np.arange(6), np.array([0, 2, 2, 6]))
     assert len(seqs) == 3 and [s.tolist() for s in seqs] == [[0, 1], [], [2, 3, 4, 5]]

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from calft import evaluate as ev
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids
+from calft import scoring as ev
+from calft.report import format_comparison_table
+from calft.prompts import prompt_text, prompt_token_ids
+from calft.tokenization import answer_token_ids
 from calft.support import build_support
 
 
@@ -116,7 +118,7 @@ def prepared(tiny):
 
 
 def _oracle_metrics(p, log_m):
-    """Float64 definitions of SPEC.md section 8 from per-string log-probs."""
+    """Float64 definitions of docs/method.md, section 'Metrics' from per-string log-probs."""
     m = np.exp(log_m)
     M = m.sum()
     pos = p > 0
@@ -219,7 +221,7 @@ def test_summarize_weights_families_equally():
 
 
 def test_comparison_table():
-    t = ev.format_comparison_table({"base": {"seq_kl": 1.23456, "support_mass": 1.2e-4},
+    t = format_comparison_table({"base": {"seq_kl": 1.23456, "support_mass": 1.2e-4},
                                     "soft": {"seq_kl": 0.5, "support_mass": 0.93}})
     lines = t.splitlines()
     assert lines[0] == "| model | support_mass | seq_kl |"

@@ -1,4 +1,4 @@
-"""calft.families against SPEC.md section 2 (table written out here) and scipy built independently."""
+"""calft.families against docs/method.md, section 'Families and grids' (table written out here) and scipy built independently."""
 
 import math
 
@@ -8,16 +8,12 @@ from scipy import stats
 
 from calft.families import (
     FAMILIES,
-    GRIDS,
     HELD_OUT_FAMILY_IDS,
     TRAIN_FAMILY_IDS,
     get_family,
-    grid_point_to_params,
-    lin,
-    log,
 )
 
-# SPEC.md section 2, row by row: id -> (display, tier, prompt params, integer, held_out)
+# docs/method.md, section 'Families and grids', row by row: id -> (display, tier, prompt params, integer, held_out)
 SPEC_TABLE = {
     "uniform": ("Uniform", "I", ("a", "b"), False, False),
     "gaussian": ("Gaussian", "I", ("mu", "sigma"), False, False),
@@ -51,7 +47,7 @@ SPEC_TABLE = {
     "chi": ("Chi", "III", ("df",), False, True),
 }
 
-# (params, scipy distribution written from the SPEC formulas, support from the SPEC table)
+# (params, scipy distribution written from the formulas of docs/method.md, support from its table)
 ORACLE = {
     "uniform": ({"a": -1.5, "b": 2.0}, stats.uniform(loc=-1.5, scale=3.5), (-1.5, 2.0)),
     "gaussian": ({"mu": 1.0, "sigma": 2.0}, stats.norm(1.0, 2.0), (-math.inf, math.inf)),
@@ -91,7 +87,7 @@ ORACLE = {
 
 
 def test_registry_matches_spec_table():
-    assert list(FAMILIES) == list(SPEC_TABLE)  # all 30, SPEC order
+    assert list(FAMILIES) == list(SPEC_TABLE)  # all 30, family-table order
     for fid, (display, tier, names, integer, held_out) in SPEC_TABLE.items():
         fam = get_family(fid)
         assert (fam.id, fam.display, fam.tier, fam.param_names, fam.integer_only, fam.held_out) == (
@@ -225,47 +221,3 @@ def test_unknown_family_suggests_nearest():
 def test_frozen_validates_first():
     with pytest.raises(ValueError, match="lomax"):
         get_family("lomax").frozen({"alpha": -1, "lambda": 1})
-
-
-def test_grid_spacing_and_snapping():
-    assert lin(-5, 2, 11) == (-5.0, -4.3, -3.6, -2.9, -2.2, -1.5, -0.8, -0.1, 0.6, 1.3, 2.0)
-    g = log(0.5, 2, 11)
-    assert g[0] == 0.5 and g[-1] == 2.0 and g[5] == 1.0
-    exact = np.geomspace(0.5, 2, 11)
-    np.testing.assert_allclose(g, exact, rtol=5e-4)  # 4 significant digits
-    assert all(float(f"{x:.4g}") == x for x in g)
-
-
-def test_grid_only_parameterizations():
-    assert grid_point_to_params("uniform", {"a": -4.3, "width": 1.4}) == {"a": -4.3, "b": -2.9}
-    assert grid_point_to_params("triangular", {"a": 2.5, "width": 7, "mode_fraction": 0.5}) == {
-        "a": 2.5, "c": 6.0, "b": 9.5,
-    }
-    hyper = grid_point_to_params("hypergeometric", {"M": 80, "N": 15, "success_fraction": 0.35})
-    assert hyper == {"M": 80, "K": 28, "N": 15}
-    assert grid_point_to_params("hypergeometric", {"M": 30, "N": 50, "success_fraction": 0.2}) == {
-        "M": 30, "K": 6, "N": 30,  # N = min(N, M)
-    }
-
-
-def test_grid_sizes_match_spec():
-    sizes = {fid: {k: len(g) for k, g in grids.items()} for fid, grids in GRIDS.items()}
-    assert set(sizes) == set(FAMILIES)
-    assert sizes["triangular"] == {"train": 125, "test_unseen_params": 27, "selected": 1, "within_range": 64}
-    assert sizes["exponential"] == {"train": 25, "test_unseen_params": 12, "selected": 1, "within_range": 24}
-    assert sizes["pareto"]["train"] == 99 and sizes["hypergeometric"]["train"] == 45
-    assert sizes["chi_square"] == {"train": 13, "test_unseen_params": 6, "selected": 1, "within_range": 12}
-    assert sizes["poisson"] == {"ood": 17, "ood_selected": 3} and sizes["weibull"]["ood"] == 36
-    for fid in TRAIN_FAMILY_IDS:
-        assert set(sizes[fid]) == {"train", "test_unseen_params", "selected", "within_range"}
-    for fid in HELD_OUT_FAMILY_IDS:
-        assert set(sizes[fid]) == {"ood", "ood_selected"}
-
-
-def test_every_grid_point_is_valid():
-    for fid, grids in GRIDS.items():
-        for grid in grids.values():
-            for point in grid.points():
-                params = grid_point_to_params(fid, point)
-                dist = get_family(fid).frozen(params)
-                assert np.isfinite(dist.ppf(0.5)), (fid, params)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from calft.kernels.linear_sparse_kl import linear_sparse_kl_backward, linear_sparse_kl_forward
-from calft.kernels.sparse_kl import SparseKLFunction
+from calft.kernels.sparse_kl import SoftTargetKLFunction
 from calft.losses import (SparseTargets, linear_soft_target_kl, linear_soft_target_kl_ref,
                           soft_target_kl, soft_target_kl_ref)
 from test_losses import as64, assert_close, dense_linear_kl, make_targets, max_err, ref_loss_and_grads
@@ -38,7 +38,7 @@ def test_sparse_kl_fp32_matches_float64(N, V, counts, block_v, num_splits):
     z[0, t.token_ids[t.row_ptr[0]:t.row_ptr[1]].max() + 1:] = float("-inf")  # -inf off the support
     grad_out = torch.randn(N, generator=g)
     zz = z.clone().requires_grad_()
-    kl = SparseKLFunction.apply(zz, t.row_ptr, t.token_ids, t.probs, 0.7, False, block_v, num_splits)
+    kl = SoftTargetKLFunction.apply(zz, t.row_ptr, t.token_ids, t.probs, 0.7, False, block_v, num_splits)
     kl.backward(grad_out)
     ref, (gref,) = ref_loss_and_grads([z], lambda x: soft_target_kl_ref(x, as64(t), tau=0.7, reduction="none"),
                                       grad_out)
@@ -84,7 +84,7 @@ def test_sparse_kl_inplace_gradient_and_torch_agreement():
     assert_close(base.grad, zt.grad, rtol=1e-5, atol=1e-8, name="gradient")
 
 
-# K up to 1000 entries per row (SPEC.md section 4: 3-digit tokens, as Llama-3 and gpt-oss split
+# K up to 1000 entries per row (docs/method.md, section 'Trie targets': 3-digit tokens, as Llama-3 and gpt-oss split
 # numbers, branch up to ~1000 per node): 16 passes of BLOCK_K = 64 in the standalone kernel,
 # 32 of GATHER_BLOCK_K = 32 in the fused one, next to a short row and an empty one. V = 1031
 # (prime) keeps every id distinct; N and H stay small for the interpreter.
@@ -99,7 +99,7 @@ def test_sparse_kl_k1000_matches_float64():
     z = torch.randn(N, V, generator=g) * 3
     grad_out = torch.randn(N, generator=g)
     zz = z.clone().requires_grad_()
-    kl = SparseKLFunction.apply(zz, t.row_ptr, t.token_ids, t.probs, 0.9, False, 256, 2)
+    kl = SoftTargetKLFunction.apply(zz, t.row_ptr, t.token_ids, t.probs, 0.9, False, 256, 2)
     kl.backward(grad_out)
     ref, (gref,) = ref_loss_and_grads([z], lambda x: soft_target_kl_ref(x, as64(t), tau=0.9, reduction="none"),
                                       grad_out)

@@ -3,7 +3,7 @@
 Run by benchmarks/gpu_check.sh with TRITON_INTERPRET=0 (tests/conftest.py only sets it when it
 is unset); skipped on CPU-only machines and under the interpreter. Tolerances: fp32 math in the
 kernels, so fp32 inputs are held to ~1e-5; 16-bit inputs to twice torch's own error at the same
-precision (the dense logits in that dtype), the STYLE.md rule.
+precision (the dense logits in that dtype), the repository's test rule.
 """
 import os
 

@@ -12,12 +12,14 @@ import torch
 
 from vocabularies import load_family_tokenizer
 
-import calft.evaluate as ev
-from calft.batching import SparseKLLoss, build_batch, build_tree_batch, epoch_plan, global_num_positions
+import calft.scoring as ev
+from calft.tree import SoftTargetKLLoss
+from calft.batching import build_batch, build_tree_batch, epoch_plan, global_num_positions
 from calft.data import DataSettings, prepare_prompts
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import add_lora
-from calft.prompts import FIXED_DATE, answer_format, answer_token_ids, render_chat
+from calft.prompts import FIXED_DATE, answer_format, render_chat
+from calft.tokenization import answer_token_ids
 from calft.sampling import generate_samples, stop_token_ids
 from calft.splits import PromptSpec
 
@@ -101,7 +103,7 @@ def test_train_score_sample(family, prepared):
     name, tok = family
     term = answer_format(tok).terminator_ids
     model = add_lora(tiny_model(tok), r=4, alpha=8, dropout=0.0)  # default targets: all-linear
-    objective = SparseKLLoss(model)
+    objective = SoftTargetKLLoss(model)
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
     plan = epoch_plan(prepared, seed=0, epoch=0, samples_per_prompt=2)
     for step, mode in enumerate(("soft", "hard", "soft")):  # path mode: 3 steps
@@ -204,7 +206,7 @@ def test_batch_with_a_999_way_node():
     rows = np.diff(batch.targets.row_ptr.numpy())
     assert rows.max() == 999
     with torch.no_grad():
-        loss = SparseKLLoss(model)(batch).double()
+        loss = SoftTargetKLLoss(model)(batch).double()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), -1)[batch.gather_index]
     q = torch.zeros_like(logp)
@@ -220,14 +222,14 @@ def test_batch_with_a_999_way_node():
 def test_digit_isolated_vocabularies_take_the_fast_paths(name):
     """No BPE merge joins a digit to anything in these vocabularies: the skeleton-template path
     tokenizes "\\n" + value for Phi-3 (its normalizer prepends "▁") exactly like the tokenizer."""
-    import calft.data as data
+    import calft.fast_tokenization as fast
     from calft.support import build_support
 
     tok = load_family_tokenizer(name)
     backend = tok.backend_tokenizer
-    assert data._digits_isolated(backend) is not None
+    assert fast.digits_isolated(backend) is not None
     texts = ["\n" + v for v in build_support("gaussian", {"mu": -3.5, "sigma": 20}, num_decimals=5).values]
-    flat, offsets = data._template_tokenize(tok, backend, texts)
+    flat, offsets = fast._template_tokenize(tok, backend, texts)
     assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == \
         tok(texts, add_special_tokens=False)["input_ids"]
 

@@ -366,12 +366,12 @@ def eval_args(tiny_model_dir, tmp_path, *extra):
 
 @pytest.fixture
 def no_scoring(monkeypatch):
-    import calft.eval
+    import calft.scoring
 
     def refuse(*a, **k):
         raise AssertionError("a model was scored before the arguments were checked")
 
-    monkeypatch.setattr(calft.eval, "evaluate_exact", refuse)
+    monkeypatch.setattr(calft.scoring, "evaluate_exact", refuse)
 
 
 @pytest.mark.parametrize("case", ["garbage_adapter", "mismatched_adapter", "misspelled_family", "run_as_output"])
@@ -415,7 +415,7 @@ def test_eval_warns_when_decimals_differ_from_training(runs, tiny_model_dir, tmp
     args = eval_args(tiny_model_dir, tmp_path, "--adapter", str(runs["full"]), "--no-base")
     args[args.index("--num-decimals") + 1] = "2"
     main(args)
-    assert "trained with 1 decimals but is scored at --num-decimals 2" in capsys.readouterr().err
+    assert "trained with 1 decimals but is scored at --eval-decimals 2" in capsys.readouterr().err
 
 
 # ---- losses with validate=False: shape errors still raise, the trusted inputs are documented ----------

@@ -1,15 +1,15 @@
-"""calft.splits: sizes, SPEC selected rows, even subsampling, determinism, errors."""
+"""calft.splits: sizes, the selected rows of docs/method.md, even subsampling, determinism, errors."""
 
 import collections
 
 import numpy as np
 import pytest
 
-from calft.families import HELD_OUT_FAMILY_IDS, TRAIN_FAMILY_IDS
-from calft.prompts import format_number
-from calft.splits import SPLITS, PromptSpec, even_indices, get_split
+from calft.families import FAMILIES, HELD_OUT_FAMILY_IDS, TRAIN_FAMILY_IDS, get_family
+from calft.prompts import format_param
+from calft.splits import GRIDS, SPLITS, PromptSpec, even_indices, get_split, grid_point_to_params, lin, log
 
-# SPEC.md section 2, "selected" column and ood_selected, in prompt parameterization
+# docs/method.md, section 'Families and grids', "selected" column and ood_selected, in prompt parameterization
 SELECTED = {
     "uniform": {"a": 3.5, "b": 10.5},
     "gaussian": {"mu": 3.5, "sigma": 3},
@@ -129,7 +129,7 @@ def test_triangular_keeps_its_whole_grid():
 
 def test_families_filter_and_max_specs():
     specs = get_split("train", families=["gamma", "beta"], max_specs=10)
-    assert _counts(specs) == {"beta": 10, "gamma": 10}  # SPEC order, not request order
+    assert _counts(specs) == {"beta": 10, "gamma": 10}  # family-table order, not request order
     assert [s.family_id for s in specs][:1] == ["beta"]
     # one of 121: np.linspace(0, 120, 1) = [0], the first grid point (as the artifact)
     assert get_split("train", families="beta", max_specs=1)[0].params_dict == {"alpha": 0.5, "beta": 0.5}
@@ -158,4 +158,48 @@ def test_prompt_spec_is_hashable_and_prints_exact_values():
     for name in SPLITS:
         for s in get_split(name):
             for key, value in s.params:
-                assert float(format_number(value)) == value, (s, key)
+                assert float(format_param(value)) == value, (s, key)
+
+
+def test_grid_spacing_and_snapping():
+    assert lin(-5, 2, 11) == (-5.0, -4.3, -3.6, -2.9, -2.2, -1.5, -0.8, -0.1, 0.6, 1.3, 2.0)
+    g = log(0.5, 2, 11)
+    assert g[0] == 0.5 and g[-1] == 2.0 and g[5] == 1.0
+    exact = np.geomspace(0.5, 2, 11)
+    np.testing.assert_allclose(g, exact, rtol=5e-4)  # 4 significant digits
+    assert all(float(f"{x:.4g}") == x for x in g)
+
+
+def test_grid_only_parameterizations():
+    assert grid_point_to_params("uniform", {"a": -4.3, "width": 1.4}) == {"a": -4.3, "b": -2.9}
+    assert grid_point_to_params("triangular", {"a": 2.5, "width": 7, "mode_fraction": 0.5}) == {
+        "a": 2.5, "c": 6.0, "b": 9.5,
+    }
+    hyper = grid_point_to_params("hypergeometric", {"M": 80, "N": 15, "success_fraction": 0.35})
+    assert hyper == {"M": 80, "K": 28, "N": 15}
+    assert grid_point_to_params("hypergeometric", {"M": 30, "N": 50, "success_fraction": 0.2}) == {
+        "M": 30, "K": 6, "N": 30,  # N = min(N, M)
+    }
+
+
+def test_grid_sizes_match_spec():
+    sizes = {fid: {k: len(g) for k, g in grids.items()} for fid, grids in GRIDS.items()}
+    assert set(sizes) == set(FAMILIES)
+    assert sizes["triangular"] == {"train": 125, "test_unseen_params": 27, "selected": 1, "within_range": 64}
+    assert sizes["exponential"] == {"train": 25, "test_unseen_params": 12, "selected": 1, "within_range": 24}
+    assert sizes["pareto"]["train"] == 99 and sizes["hypergeometric"]["train"] == 45
+    assert sizes["chi_square"] == {"train": 13, "test_unseen_params": 6, "selected": 1, "within_range": 12}
+    assert sizes["poisson"] == {"ood": 17, "ood_selected": 3} and sizes["weibull"]["ood"] == 36
+    for fid in TRAIN_FAMILY_IDS:
+        assert set(sizes[fid]) == {"train", "test_unseen_params", "selected", "within_range"}
+    for fid in HELD_OUT_FAMILY_IDS:
+        assert set(sizes[fid]) == {"ood", "ood_selected"}
+
+
+def test_every_grid_point_is_valid():
+    for fid, grids in GRIDS.items():
+        for grid in grids.values():
+            for point in grid.points():
+                params = grid_point_to_params(fid, point)
+                dist = get_family(fid).frozen(params)
+                assert np.isfinite(dist.ppf(0.5)), (fid, params)

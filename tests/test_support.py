@@ -23,7 +23,7 @@ def _fixed(k: int, d: int) -> str:
 
 
 def oracle_continuous(fid, params, d, max_bins, tail="clip_to_edge_bin", q_low=Q_LOW, q_high=Q_HIGH):
-    """SPEC.md section 3 for continuous families, written the artifact's way (cdf differences).
+    """docs/method.md, section 'Supports' for continuous families, written the artifact's way (cdf differences).
 
     Grid: k in [ceil(lower / step), floor(upper / step)] with the float step 10.0**-d, centers
     k * step, subsampled at np.linspace(0, n-1, max_bins, dtype=int), as the artifact's
@@ -47,7 +47,7 @@ def oracle_continuous(fid, params, d, max_bins, tail="clip_to_edge_bin", q_low=Q
 
 
 def oracle_integer(fid, params):
-    """SPEC.md section 3 for integer families when the range fits in max_bins."""
+    """docs/method.md, section 'Supports' for integer families when the range fits in max_bins."""
     dist = get_family(fid).frozen(params)
     s_lo, s_hi = dist.support()
     lo = int(s_lo) if np.isfinite(s_lo) else math.floor(dist.ppf(Q_LOW))

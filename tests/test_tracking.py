@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calft.families import GRIDS, get_family
+from calft.families import get_family
+from calft.splits import GRIDS
 from calft.splits import get_split, spread_indices
 from calft.support import build_support
 from calft.tracking import exact_tracking, sample_tracking, summarize_tracking

@@ -125,7 +125,8 @@ def full_run(tiny_model_dir, tmp_path_factory, env):
 # ------------------------------------------------------------------------------------------------
 
 def test_steps_lower_loss_on_fixed_batch(tiny_model_dir, tiny_tokenizer, tmp_path):
-    from calft.batching import SparseKLLoss, build_batch, epoch_plan
+    from calft.tree import SoftTargetKLLoss
+    from calft.batching import build_batch, epoch_plan
     from calft.data import DataSettings, prepare_prompts
     from calft.models import add_lora, load_model
     from calft.splits import get_split
@@ -135,7 +136,7 @@ def test_steps_lower_loss_on_fixed_batch(tiny_model_dir, tiny_tokenizer, tmp_pat
     batch = build_batch(prompts, epoch_plan(prompts, seed=0, epoch=0), mode="soft",
                         pad_id=tiny_tokenizer.pad_token_id, eos_id=tiny_tokenizer.eos_token_id, global_batch=4)
     torch.manual_seed(0)
-    objective = SparseKLLoss(add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0))
+    objective = SoftTargetKLLoss(add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0))
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):
@@ -152,7 +153,7 @@ def test_steps_lower_loss_on_fixed_batch(tiny_model_dir, tiny_tokenizer, tmp_pat
 
 def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
     from calft.data import DataSettings, prepare_prompts
-    from calft.evaluate import evaluate_exact
+    from calft.scoring import evaluate_exact
     from calft.models import add_lora, load_model
     from transformers import AutoTokenizer
 
@@ -431,3 +432,40 @@ def test_help_documents_every_field(monkeypatch, capsys):
     assert "-1 = " in text and "paper-hard" in text  # sentinels and per-recipe defaults are explained
     squashed = " ".join(text.split())
     assert "(default: -1; long: 640)" in squashed and "(default: -1; quick: 16, long: -1)" in squashed
+
+
+# ---- one evaluation path: the table printed after training is the one `python -m calft.eval` prints
+
+def test_eval_cli_prints_the_training_table(tiny_model_dir, tmp_path, capsys):
+    """calft.train's final evaluation and calft.eval both go through calft.scoring.evaluate_models
+    and calft.report.format_split_summary: for the saved adapter they print the same block."""
+    from calft.eval import main as eval_main
+
+    out = tmp_path / "run"
+    settings = ["--eval-split", "test_within_range,test_selected", "--eval-decimals", "1", "--eval-bins", "30",
+                "--eval-prompts-per-family", "2"]
+    args = [a for a in tiny_args(tiny_model_dir, out) if a != "--no-eval"] + settings + ["--eval-samples", "0"]
+    with threads(1):
+        run_inline(args, tmp_path / "cache")
+        trained = capsys.readouterr().out
+        os.environ["CALFT_CACHE_DIR"], saved = str(tmp_path / "cache"), os.environ.get("CALFT_CACHE_DIR")
+        try:
+            eval_main(["--model", str(tiny_model_dir), "--adapter", str(out), "--families", "gaussian,binomial",
+                       *settings, "--metrics", "exact", "--no-plots", "--output-dir", str(tmp_path / "eval_out"),
+                       "--device", "cpu"])
+        finally:
+            if saved is None:
+                os.environ.pop("CALFT_CACHE_DIR", None)
+            else:
+                os.environ["CALFT_CACHE_DIR"] = saved
+        evaluated = capsys.readouterr().out.replace("| run |", "| fine-tuned |")
+
+    def blocks(text):
+        """The lines from the first split's header through the last split's verdict line."""
+        lines = text[text.index("\ntest_within_range: ") + 1:].splitlines()
+        verdicts = [i for i, line in enumerate(lines) if line.startswith(("targets missed", "all calibration"))]
+        return lines[:verdicts[1] + 1]
+
+    block = blocks(trained)
+    assert any(line.startswith("| base |") for line in block) and any(line.startswith("test_selected: ") for line in block)
+    assert blocks(evaluated) == block

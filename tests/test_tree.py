@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from calft import evaluate as ev
-from calft.batching import (SparseKLLoss, build_batch, build_tree_batch, tree_rows, tree_strings,
+from calft import scoring as ev
+from calft.tree import SoftTargetKLLoss
+from calft.batching import (build_batch, build_tree_batch, tree_rows, tree_strings,
                             trie_row_weights)
 from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import lm_head_weight
-from calft.prompts import answer_token_ids, prompt_text, prompt_token_ids
+from calft.prompts import prompt_text, prompt_token_ids
+from calft.tokenization import answer_token_ids
 from calft.support import build_support
 from calft.tree import score_trie
 from calft.trie import build_trie
@@ -73,7 +75,7 @@ def tree_loss(objective, prompts, pis, tok, **kw) -> float:
 # the trie loss is the expected path loss
 
 def test_trie_loss_is_expected_path_loss(tiny64, tiny_tokenizer, prepared):
-    objective = SparseKLLoss(tiny64)
+    objective = SoftTargetKLLoss(tiny64)
     rng = np.random.default_rng(0)
     for pi, prep in enumerate(prepared):
         p, losses = normalized(prep), path_losses(objective, prepared, pi, tiny_tokenizer)
@@ -102,7 +104,7 @@ def test_trie_loss_is_expected_path_loss(tiny64, tiny_tokenizer, prepared):
 def test_share_prompt_is_mean_path_loss(tiny64, tiny_tokenizer, prepared):
     """max_nodes = 0 (soft --share-prompt): the k sampled paths of a prompt in one tree forward give
     exactly the mean of their soft path losses (a path drawn twice counts twice)."""
-    objective = SparseKLLoss(tiny64)
+    objective = SoftTargetKLLoss(tiny64)
     for pi in range(len(prepared)):
         losses = path_losses(objective, prepared, pi, tiny_tokenizer)
         strings = tree_strings(prepared, pi, seed=3, epoch=1, num=5)
@@ -199,7 +201,7 @@ def test_trie_gradient_matches_enumeration(tiny_model_dir, tiny_tokenizer, float
     batch.weights = torch.as_tensor(trie_row_weights(prep)[nodes])
     batch.targets = SparseTargets(batch.targets.row_ptr, batch.targets.token_ids, torch.as_tensor(
         np.concatenate([prep.trie.probs[prep.trie.row_ptr[v]:prep.trie.row_ptr[v + 1]] for v in nodes])))
-    got = SparseKLLoss(model)(batch)
+    got = SoftTargetKLLoss(model)(batch)
     got_grads = torch.autograd.grad(got, params)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     for prm, a, b in zip(params, got_grads, want_grads):
@@ -213,7 +215,7 @@ def test_trie_gradient_matches_enumeration(tiny_model_dir, tiny_tokenizer, float
 def test_node_cap(tiny64, tiny_tokenizer, prepared):
     tok, pi = tiny_tokenizer, 1
     prep = prepared[pi]
-    objective = SparseKLLoss(tiny64)
+    objective = SoftTargetKLLoss(tiny64)
     full = build_tree_batch(prepared, np.array([[pi, 0]]), pad_id=tok.pad_token_id, global_batch=1)
     internal = np.nonzero(np.diff(prep.trie.row_ptr) > 0)[0]
     with torch.no_grad():  # per-node KL once, so the many seeds below need no forward
@@ -270,7 +272,7 @@ def training_edge_log_probs(model, prompts, eos_id, pad_id, pack=False) -> list[
     batch = build_tree_batch(prompts, np.array([[i, 0] for i in range(len(prompts))]), pad_id=pad_id,
                              global_batch=len(prompts), pack=pack)
     with torch.no_grad():
-        h = SparseKLLoss(model).hidden_rows(batch)  # [N, H]
+        h = SoftTargetKLLoss(model).hidden_rows(batch)  # [N, H]
         weight, bias = lm_head_weight(model)
         logp = torch.log_softmax((h @ weight.T).double(), dim=-1).numpy()
     out, r = [], 0
@@ -383,7 +385,7 @@ def test_node_with_1000_children_trains(float64_rmsnorm):
     assert int(np.diff(trie.row_ptr).max()) == K
     prep = SimpleNamespace(prompt_ids=rng.integers(2, V, size=20), answer_ids=answers, trie=trie,
                            support=SimpleNamespace(probs=probs))
-    objective = SparseKLLoss(model)
+    objective = SoftTargetKLLoss(model)
     batch = build_tree_batch([prep], np.array([[0, 0]]), pad_id=0, global_batch=1)
     # rows: the root (K children), the K one-token nodes (EOS; "100" also 7 and 8), "100 7", "100 8", "100 8 9"
     assert batch.targets.num_rows == 1 + K + 3 and batch.targets.nnz == K + (K + 2) + 3

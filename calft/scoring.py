@@ -1,6 +1,7 @@
-"""Exact evaluation: the model's probability of every canonical answer, in one pass over the trie.
+"""Scoring: the model's probability of every canonical answer, in one pass over the trie, and
+`evaluate_models`, the one evaluation path of calft.train, calft.eval and the calibration curve.
 
-Notation (SPEC.md sections 4 and 8). A prompt has a target p over support strings S. Each string s,
+Notation (docs/method.md, sections 'Trie targets' and 'Metrics'). A prompt has a target p over support strings S. Each string s,
 tokenized alone and followed by EOS, is a root-to-leaf path of the trie; node v is a token prefix
 with visit mass mass(v) = sum of p(s) over the strings below v, and target q(t|v) = mass(vt)/mass(v).
 The model gives m(t|v) at every node, hence
@@ -21,12 +22,18 @@ Log-softmax and all sums are float64.
 from __future__ import annotations
 
 import math
+import time
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from calft.tracking import exact_tracking
+from calft.sampling import evaluate_sampling
+from calft.prompts import render_chat, terminator_ids
+from calft.tokenization import answer_token_ids
+from calft.trie import build_trie
+from calft.tracking import exact_tracking, sample_tracking, summarize_tracking
 # The trie-node forward lives in calft.tree (shared with trie-mode training); re-exported here.
 from calft.tree import TREE_ATTENTION, edge_sources, node_log_mass, score_trie, subtree_sums  # noqa: F401
 
@@ -40,16 +47,12 @@ MC_PATHS = 4  # the artifact's logit-KL estimate averages 4 sampled paths
 
 def _answer_trie(tokenizer, values, rendered_prompt: str):
     """Trie over the canonical in-context tokens of `values` + the template's terminator."""
-    from calft.prompts import answer_token_ids, terminator_ids
-
     answers = answer_token_ids(tokenizer, list(values), rendered_prompt)
     return _terminated_trie(answers, terminator_ids(tokenizer))
 
 
 def _terminated_trie(answers, terminator):
     """build_trie over answers + terminator (all its tokens: a chain when it has several)."""
-    from calft.trie import build_trie
-
     term = [int(t) for t in np.atleast_1d(terminator)]
     if len(term) == 1:
         return build_trie(answers, np.ones(len(answers)), eos_id=term[0])
@@ -62,8 +65,6 @@ def support_log_probs(model, tokenizer, prompt_text: str, support_values, *, chu
     The prompt is chat-formatted exactly as in training (calft.prompts.prompt_token_ids); s is
     tokenized in context and "EOS" is the template's terminator (calft.prompts.answer_format).
     """
-    from calft.prompts import render_chat
-
     values = list(support_values)
     if not values:
         raise ValueError("support_values is empty")
@@ -120,7 +121,7 @@ def mc_seed(seed: int, prompt_text: str) -> np.random.SeedSequence:
 
 def exact_metrics(model, tokenizer, prepared, *, seed: int = 0, chunk_size: int = 256,
                   return_log_probs: bool = False) -> dict:
-    """The exact metrics of SPEC.md section 8 (see the module docstring) for one PreparedPrompt.
+    """The exact metrics of docs/method.md, section 'Metrics' (see the module docstring) for one PreparedPrompt.
 
     With return_log_probs=True the dict also holds "log_m": float64 log m(s) per support string.
     `tokenizer` is unused (the prompt is already tokenized) and kept for the public signature.
@@ -186,7 +187,7 @@ def evaluate_exact(model, tokenizer, prepared_list, progress: bool = True, *, se
 
 
 # -----------------------------------------------------------------------------
-# summaries and tables
+# summaries
 
 SUMMARY_METRICS = EXACT_METRICS + (
     "valid_rate", "support_violation_rate", "mean_error", "variance_error", "wasserstein_1",
@@ -220,25 +221,65 @@ def summarize(rows) -> dict:
     return out
 
 
-def format_number(x) -> str:
-    """Compact table cell: 4 significant digits, scientific below 1e-3."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    x = float(x)
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.3g}"
-    return f"{x:.4g}"
+# -----------------------------------------------------------------------------
+# evaluate_models: the one evaluation path (calft.train's final pass, calft.eval, the curve)
 
 
-def format_comparison_table(summaries: dict[str, dict], metrics=None) -> str:
-    """Markdown table: one row per model label, one column per metric (summaries from summarize)."""
-    if not summaries:
-        raise ValueError("no summaries to compare")
-    if metrics is None:
-        metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summaries.values())]
-    head = "| model | " + " | ".join(metrics) + " |"
-    rule = "|---|" + "---|" * len(metrics)
-    lines = [head, rule]
-    for label, s in summaries.items():
-        lines.append(f"| {label} | " + " | ".join(format_number(s.get(m)) for m in metrics) + " |")
-    return "\n".join(lines)
+@contextmanager
+def without_adapter(model):
+    """Yield `model` (a PeftModel) with its adapter disabled: the base model, without a reload."""
+    with model.disable_adapter():
+        yield model
+
+
+def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, sample_labels=None, num_samples: int = 0,
+                    seed: int = 0, chunk_size: int = 256, batch_size: int = 64, max_new_tokens: int = 32,
+                    keep_log_probs: bool = False, autocast=None, after_model=None, progress: bool = True) -> dict:
+    """Score every model on every split's prepared prompts; one row per (split, model, prompt).
+
+    models: [(label, open)] where open() is a context manager yielding the model (the base model of
+        a PeftModel: `without_adapter(model)`; a freshly loaded one: see calft.eval).
+    prepared: {split: [PreparedPrompt]}. exact: the exact metrics (docs/method.md, section
+        'Metrics'); sampling: num_samples answers per prompt at temperature 1 from the models in
+        sample_labels (None = every model; 0 samples = none), with their tracking metrics.
+    autocast: (device type, dtype) for torch.autocast, or None. after_model(label, model): called
+        while the model is open, after its splits (e.g. extra benchmarks).
+    Returns {"rows": {(split, label): [row]}, "summaries": {split: {label: summarize(rows)}},
+    "tracking": {split: {label: summarize_tracking(rows)}}, "seconds": {(label, split): s},
+    "probs": {(split, label): [m(s)/M per string]} (keep_log_probs), "samples": {(split, label):
+    [valid sampled values]}}.
+    """
+    out = {"rows": {}, "summaries": {}, "tracking": {}, "seconds": {}, "probs": {}, "samples": {}}
+    for label, open_model in models:
+        with open_model() as model:
+            ctx = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else _nothing()
+            with ctx:
+                for split, preps in prepared.items():
+                    t0 = time.perf_counter()
+                    rows = [{"family_id": p.spec.family_id, "params": dict(p.spec.params_dict)} for p in preps]
+                    if exact:
+                        scored = evaluate_exact(model, tokenizer, preps, progress, seed=seed,
+                                                chunk_size=chunk_size, return_log_probs=keep_log_probs)
+                        if keep_log_probs:
+                            out["probs"][split, label] = [np.exp(r.pop("log_m") - r["log_support_mass"]) for r in scored]
+                        for row, r in zip(rows, scored):
+                            row.update({k: v for k, v in r.items() if k not in ("family_id", "params")})
+                    if num_samples > 0 and (sample_labels is None or label in sample_labels):
+                        sampled = evaluate_sampling(model, tokenizer, preps, num_samples=num_samples, seed=seed,
+                                                    batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                    progress=progress)
+                        out["samples"][split, label] = [smp.values for smp in sampled]
+                        for row, smp, prep in zip(rows, sampled, preps):
+                            row.update(smp.metrics, **sample_tracking(prep.support, smp.values))
+                    out["seconds"][label, split] = time.perf_counter() - t0
+                    out["rows"][split, label] = rows
+                    out["summaries"].setdefault(split, {})[label] = summarize(rows)
+                    out["tracking"].setdefault(split, {})[label] = summarize_tracking(rows)
+            if after_model is not None:
+                after_model(label, model)
+    return out
+
+
+@contextmanager
+def _nothing():
+    yield
