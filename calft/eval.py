@@ -4,6 +4,7 @@
     python -m calft.eval --adapter runs/soft/adapter --metrics all --num-samples 200
     python -m calft.eval --adapter runs/soft/adapter --adapter runs/hard/adapter \
         --split test_selected,ood_selected --benchmarks mcq,open_ended --output-dir eval_out
+    python -m calft.eval --suite paper --adapter soft=runs/soft --adapter hard=runs/hard   # calft.paper_suite
 
 Metrics (SPEC.md section 8): "exact" scores every canonical support string under the model in one
 pass over the answer trie (calft.evaluate); "sampling" runs the paper's protocol (calft.sampling).
@@ -24,6 +25,7 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -260,6 +262,11 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--suite" or a.startswith("--suite=") for a in argv):  # the paper's whole evaluation
+        from calft.paper_suite import cli
+
+        return cli(argv)
     args = build_parser().parse_args(argv)
     bench_names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = sorted(set(bench_names) - set(BENCHMARKS))
