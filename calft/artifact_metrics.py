@@ -75,6 +75,19 @@ def anderson_known(values, dist) -> float:
     return float(-n - np.sum((2 * i - 1) * (log_f + log_s[::-1])) / n)
 
 
+def scipy_anderson(x: np.ndarray, name: str) -> float:
+    """scipy.stats.anderson(x, name).statistic; SciPy >= 1.17 wants a p-value `method` (the
+    statistic does not depend on it), older versions do not know the argument."""
+    import warnings
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # the logistic/weibull fits overflow
+        warnings.simplefilter("ignore", RuntimeWarning)  # and warn about slow progress on the way
+        try:
+            return float(stats.anderson(x, dist=name, method="interpolate").statistic)
+        except TypeError:
+            return float(stats.anderson(x, dist=name).statistic)
+
+
 def anderson_fitted(values, family_id: str) -> float:
     """scipy.stats.anderson's statistic (parameters fitted to the sample), NaN where not defined."""
     name = ANDERSON_FAMILIES.get(family_id)
@@ -82,7 +95,7 @@ def anderson_fitted(values, family_id: str) -> float:
     if name is None or x.size < MIN_ANDERSON_SAMPLES or np.ptp(x) == 0:
         return float("nan")
     try:
-        return float(stats.anderson(x, dist=name).statistic)
+        return scipy_anderson(x, name)
     except (FloatingPointError, ValueError, RuntimeError):  # e.g. a weibull fit that does not converge
         return float("nan")
 

@@ -16,7 +16,7 @@ upstream's model-free rule, applied in this order:
 Upstream's default (and the paper's artifact) runs step 1 and then, instead of step 2, a DeBERTa
 similarity classifier (threshold 0.102), a model that is not available offline. Upstream's
 model-free option (`--alg unigram`) is the ROUGE-1 test alone; calft keeps step 1 in front of it,
-so short answers ("Paris" vs "paris.") are judged as in the paper's pipeline. calft's `distinct` is
+so short answers ("Paris" vs "paris") are judged as in the paper's pipeline. calft's `distinct` is
 therefore NoveltyBench's model-free variant, not the classifier's number.
 
 Utility (upstream's other number) scores the class representatives with a 27B reward model

@@ -143,6 +143,10 @@ def check_adapter(model_name: str, label: str, path: str) -> None:
         if isinstance(trained_on, str) and trained_on != model_name:
             raise ValueError(f"--adapter {label}={path} was trained on {trained_on!r}, not on --model {model_name!r}")
         break
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a check prints nothing but its one-line error
+    problem = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -150,10 +154,15 @@ def check_adapter(model_name: str, label: str, path: str) -> None:
         for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
             text = str(w.message)
             if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
-                raise ValueError(text.splitlines()[0])
+                problem = text.strip().splitlines()[0]
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"--adapter {label}={path} does not fit --model {model_name!r}: {first}") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's load error names the problem on a later line ("size mismatch for ...")
+        problem = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(err).__name__)
+    finally:
+        hf_logging.enable_progress_bar()
+    if problem is not None:
+        raise ValueError(f"--adapter {label}={path} does not fit --model {model_name!r}: {problem[:300]}")
 
 
 def load_row_model(model_name: str, adapter: str | None, device: str):
