@@ -27,9 +27,10 @@ ext_modules = [
 
 setup(
     version=VERSION,
-    packages=["calft", "calft.kernels", "calft.prompt_sets"],
+    packages=["calft", "calft.kernels", "calft.prompt_sets", "calft.benchmark_data.noveltybench"],
     package_dir={"calft": "calft", "calft.kernels": "kernels"},
-    package_data={"calft.prompt_sets": ["*.json"]},
+    package_data={"calft.prompt_sets": ["*.json"],
+                  "calft.benchmark_data.noveltybench": ["curated.jsonl", "LICENSE", "SOURCE.md"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

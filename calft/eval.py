@@ -12,6 +12,9 @@ calft.scoring.evaluate_models, the code path calft.train's final evaluation uses
 calft.train's names (--eval-split, --eval-decimals, ...; the old --split, --num-decimals, ...
 still work, with a deprecation note). Outputs in --output-dir: summary.json, per_prompt.csv,
 report.md, plots/*.png.
+
+    python -m calft.eval --suite paper --adapter soft=runs/soft --adapter hard=runs/hard   # calft.paper_suite
+runs the paper's whole evaluation instead (docs/paper_eval.md).
 """
 from __future__ import annotations
 
@@ -215,6 +218,11 @@ def prepare(args, tokenizer) -> dict:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--suite" or a.startswith("--suite=") for a in argv):  # the paper's whole evaluation
+        from calft.paper_suite import cli
+
+        return cli(argv)
     args = parse_config(argv)
     bench_names = comma_list(args.benchmarks)
     unknown = sorted(set(bench_names) - set(BENCHMARKS))
