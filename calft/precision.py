@@ -42,7 +42,7 @@ def autocast_dtype(device_type: str, precision: str = "auto") -> torch.dtype | N
 def describe(device_type: str, dtype: torch.dtype | None) -> str:
     """One line for the run's log: what computes in which precision, and why."""
     if dtype is None:
-        why = "" if device_type != "cpu" else f" (CPU without native bf16: {', '.join(cpu_bf16_features()) or 'no AVX512-BF16 / AMX-BF16'})"
+        why = " (CPU without native bf16: no AVX512-BF16 / AMX-BF16)" if device_type == "cpu" and not cpu_bf16_features() else ""
         return f"precision: fp32{why}"
     why = f" (CPU features: {', '.join(cpu_bf16_features()) or 'none: emulated, forced by --precision bf16'})" \
         if device_type == "cpu" else ""
