@@ -386,12 +386,13 @@ def support_mixed_targets(rows, weight, bias, targets: SparseTargets, weights, l
     op with target q' and weight (1 + lam) w. Costs one [nnz, H] gather-dot (nnz = target entries).
     """
     N = targets.row_ptr.numel() - 1
+    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32  # fp32 at least, as the loss
     row_of = torch.repeat_interleave(torch.arange(N, device=rows.device), targets.row_ptr.diff())  # [nnz]
-    z = (rows.float()[row_of] * weight.float()[targets.token_ids]).sum(-1)  # logits at S: [nnz]
+    z = (rows.to(dt)[row_of] * weight.to(dt)[targets.token_ids]).sum(-1)  # logits at S: [nnz]
     if bias is not None:
-        z = z + bias.float()[targets.token_ids]
-    zmax = torch.full((N,), -torch.inf, device=z.device).scatter_reduce(0, row_of, z, "amax")
+        z = z + bias.to(dt)[targets.token_ids]
+    zmax = torch.full((N,), -torch.inf, dtype=dt, device=z.device).scatter_reduce(0, row_of, z, "amax")
     e = (z - zmax[row_of]).exp()
-    p_s = e / torch.zeros(N, device=z.device).index_add_(0, row_of, e)[row_of]
-    q = (targets.probs.float() + lam * p_s) / (1.0 + lam)
+    p_s = e / torch.zeros(N, dtype=dt, device=z.device).index_add_(0, row_of, e)[row_of]
+    q = (targets.probs.to(dt) + lam * p_s) / (1.0 + lam)
     return SparseTargets(targets.row_ptr, targets.token_ids, q.to(targets.probs.dtype)), weights * (1.0 + lam)

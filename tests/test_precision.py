@@ -30,10 +30,11 @@ def test_detection_reads_torch():
 def test_tiny_model_loss_in_both_precisions(tiny_model_dir, dtype, tol):
     """The quick recipe's objective (tree batch, shared prompt) on the tiny model, fp32 and bf16
     autocast, against the same model in float64: loss and every LoRA gradient."""
-    from calft.batching import SparseKLLoss, build_tree_batch, epoch_plan, step_items
+    from calft.batching import build_tree_batch, epoch_plan, step_items
     from calft.data import DataSettings, prepare_prompts
     from calft.models import add_lora, load_model, load_tokenizer
     from calft.splits import get_split
+    from calft.tree import SoftTargetKLLoss
 
     tok = load_tokenizer(str(tiny_model_dir))
     prompts = prepare_prompts(tok, get_split("train", max_specs=1)[:4], DataSettings(num_decimals=1, max_bins=101),
@@ -48,7 +49,7 @@ def test_tiny_model_loss_in_both_precisions(tiny_model_dir, dtype, tol):
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)  # drawn in fp32 for both runs, then converted
         model = model.to(model_dtype)
-        loss = SparseKLLoss(model, autocast_dtype=amp)(batch.to("cpu"))
+        loss = SoftTargetKLLoss(model, autocast_dtype=amp)(batch.to("cpu"))
         loss.backward()
         return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 

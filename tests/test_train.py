@@ -436,7 +436,7 @@ def test_help_documents_every_field(monkeypatch, capsys):
         assert flag in text, flag
     assert "-1 = " in text and "paper-hard" in text  # sentinels and per-recipe defaults are explained
     squashed = " ".join(text.split())
-    assert "(default: -1; long: 640)" in squashed and "(default: -1; quick: 16, long: -1)" in squashed
+    assert "(default: -1; quick: 240, long: 640)" in squashed and "(default: -1; quick: 32, long: -1)" in squashed
 
 
 # ---- one evaluation path: the table printed after training is the one `python -m calft.eval` prints
@@ -449,7 +449,8 @@ def test_eval_cli_prints_the_training_table(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     settings = ["--eval-split", "test_within_range,test_selected", "--eval-decimals", "1", "--eval-bins", "30",
                 "--eval-prompts-per-family", "2"]
-    args = [a for a in tiny_args(tiny_model_dir, out) if a != "--no-eval"] + settings + ["--eval-samples", "0"]
+    args = [a for a in tiny_args(tiny_model_dir, out) if a != "--no-eval"] + settings + [
+        "--eval-samples", "0", "--eval-exact-split", "test_within_range,test_selected"]  # exact on both, as eval
     with threads(1):
         run_inline(args, tmp_path / "cache")
         trained = capsys.readouterr().out
