@@ -41,6 +41,8 @@ from peft import PeftModel  # noqa: E402
 from calft import open_ended  # noqa: E402
 from calft.checkpoint import RUN_MARKER, is_run  # noqa: E402
 from calft.cli import add_flags, comma_list, knob  # noqa: E402
+from calft.precision import PRECISIONS, autocast_dtype  # noqa: E402
+from calft.precision import describe as describe_precision  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft  # noqa: E402
@@ -69,6 +71,8 @@ class EvalConfig:
     dtype: str = knob("float32", "model weights dtype (scores are summed in float64 either way)",
                       ("float32", "bfloat16", "float16"))
     # prompts and targets
+    precision: str = knob("auto", "autocast of the forward passes, as calft.train's: auto = bf16 on CUDA and on "
+                          "CPUs with native bf16 (AVX512-BF16 / AMX), else fp32", PRECISIONS)
     eval_split: str = knob("test_selected", f"comma-separated splits, from: {', '.join(SPLITS)}",
                            aliases=("--split",))
     families: str = knob("", "comma-separated family ids; '' = every family of the split")
@@ -82,7 +86,7 @@ class EvalConfig:
     metrics: str = knob("exact", "exact trie scoring, sampling, or both", METRIC_CHOICES)
     eval_samples: int = knob(1000, "answers sampled per prompt (sampling metrics)", aliases=("--num-samples",))
     max_new_tokens: int = knob(32, "generation budget per sample, tokens")
-    batch_size: int = knob(64, "samples generated together (sampling)")
+    batch_size: int = knob(1024, "samples decoded together, over several prompts (sampling)")
     chunk_size: int = knob(256, "trie nodes per forward (exact scoring)")
     seed: int = knob(0, "base seed of sampling and of the Monte-Carlo logit KL")
     benchmarks: str = knob("", "comma-separated extra benchmarks: mcq, open_ended; '' = none")
@@ -255,12 +259,16 @@ def main(argv=None) -> dict:
                 model, tokenizer, num_prompts=args.open_ended_prompts if args.open_ended_prompts > 0 else None,
                 samples_per_prompt=args.open_ended_samples, seed=args.seed)
 
+    device_type = resolve_device(args.device).split(":")[0]
+    amp = autocast_dtype(device_type, args.precision)  # as calft.train: bf16 where native
+    if progress:
+        print(describe_precision(device_type, amp))
     result = evaluate_models([(label, functools.partial(opened, args, adapter)) for label, adapter in labels],
                              tokenizer, prepared, exact=args.metrics in ("exact", "all"),
                              num_samples=args.eval_samples if args.metrics in ("sampling", "all") else 0,
                              seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, keep_log_probs=True, after_model=run_benchmarks,
-                             progress=progress)
+                             autocast=(device_type, amp) if amp else None, progress=progress)
     summaries, tracking, rows_by = result["summaries"], result["tracking"], result["rows"]
     exact_probs, samples, timings = result["probs"], result["samples"], result["seconds"]
     per_prompt = [{"split": split, "model": label, **r} for label, _ in labels for split in prepared
@@ -297,10 +305,11 @@ def main(argv=None) -> dict:
     non_base = [label for label, adapter in labels if adapter is not None]
     for split, preps in prepared.items() if progress else ():  # the block calft.train prints
         misses = None
-        if len(non_base) == 1 and "base" in summaries[split]:
-            misses = missed_targets(tracking[split][non_base[0]], summaries[split][non_base[0]], summaries[split]["base"])
+        if len(non_base) == 1:
+            base = summaries[split].get("base") if "support_mass" in summaries[split].get("base", {}) else None
+            misses = missed_targets(tracking[split][non_base[0]], summaries[split][non_base[0]] if base else None, base)
         print(format_split_summary(split, len(preps), args.eval_decimals, args.eval_bins, summaries[split],
-                                   tracking[split], misses))
+                                   tracking[split], misses, args.eval_samples if args.metrics != "exact" else 0))
     return summary
 
 

@@ -52,19 +52,37 @@ def format_tracking_table(summaries: dict[str, dict], keys=SUMMARY_KEYS) -> str:
 
 # the exact metrics calft.train prints per split (family means)
 HEADLINE_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm")
+# the sampled columns per family (calft.tracking): what a user of the model gets
+FAMILY_KEYS = ("num_prompts", "sample_location_slope", "sample_location_r2", "sample_sd_within_2x",
+               "median_sample_ks", "median_perfect_ks", "in_support_rate", "support_violation_rate")
+
+
+def format_family_table(tracking: dict, keys=FAMILY_KEYS) -> str:
+    """Markdown: one row per family of one model's summarize_tracking, its sampled columns."""
+    fams = tracking.get("per_family", {})
+    keys = [k for k in keys if any(k in m for m in fams.values())]
+    return markdown_table(["family", *keys], [[f, *(format_number(m.get(k)) for k in keys)] for f, m in fams.items()])
 
 
 def format_split_summary(split: str, num_prompts: int, num_decimals: int, max_bins: int, summaries: dict,
-                         tracking: dict, misses=None) -> str:
-    """What calft.train prints after training for one split, and calft.eval for each split:
-    the tracking table, the headline exact metrics, and the calibration targets missed."""
-    table = format_comparison_table(summaries, metrics=list(HEADLINE_METRICS))
-    return (f"\n{split}: {num_prompts} prompts ({num_decimals} decimals, {max_bins} bins)\n"
-            f"does the model follow the parameters? (pooled over families; see calft/tracking.py)\n"
-            f"{format_tracking_table(tracking)}\n"
-            f"exact metrics (family means):\n{table}\n"
-            + ("" if misses is None else f"targets missed: {'; '.join(misses)}" if misses
-               else "all calibration targets met"))
+                         tracking: dict, misses=None, num_samples: int = 0) -> str:
+    """What calft.train prints after training for one split, and calft.eval for each split: the
+    tracking table (sampled columns first), each sampled model's per-family table, the headline
+    exact metrics (where measured), and the calibration targets missed."""
+    text = (f"\n{split}: {num_prompts} prompts ({num_decimals} decimals, {max_bins} bins"
+            + (f", {num_samples} samples per prompt" if num_samples else "") + ")\n"
+            "does the model follow the parameters? (pooled over families; sample_* from the samples, "
+            "the others exact on the renormalized support; see calft/tracking.py)\n"
+            f"{format_tracking_table(tracking)}\n")
+    for label, tr in tracking.items():
+        if "median_sample_ks" in tr:
+            text += (f"sampled, per family ({label}; median_perfect_ks: a perfect sampler's KS at this "
+                     f"sample size):\n{format_family_table(tr)}\n")
+    exact = {label: s for label, s in summaries.items() if "support_mass" in s}
+    if exact:
+        text += f"exact metrics (family means):\n{format_comparison_table(exact, metrics=list(HEADLINE_METRICS))}\n"
+    return text + ("" if misses is None else f"targets missed: {'; '.join(misses)}" if misses
+                   else "all calibration targets met")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -116,9 +134,17 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
                   "Does the model follow the parameters? (calft/tracking.py: R^2 and slope of model vs "
                   "target mean in target-sd units, within families; scale R^2 on log sd; KS)", "",
                   format_tracking_table(tracking[split]), ""]
+        base = by_model.get("base") if "support_mass" in by_model.get("base", {}) else None
+        for label, tr in tracking[split].items():
+            if "median_sample_ks" in tr:
+                misses = missed_targets(tr, by_model[label] if base else None, base)
+                lines += [f"Sampled, per family ({label}, {args.eval_samples} samples per prompt; median_perfect_ks: "
+                          "a perfect sampler's KS at that sample size):", "", format_family_table(tr), "",
+                          f"targets missed: {'; '.join(misses)}" if misses else "all calibration targets met", ""]
         if split in plots["tracking"]:
             lines += [f"![model vs target mean and sd per family]({plots['tracking'][split]})", ""]
-        lines += ["Exact metrics (family means):", "", format_comparison_table(by_model), ""]
+        if any("support_mass" in m for m in by_model.values()):
+            lines += ["Exact metrics (family means):", "", format_comparison_table(by_model), ""]
         lines += per_family_table(by_model)
         if split in plots["overview"]:
             lines += [f"![exact KL per family]({plots['overview'][split]})", ""]
@@ -132,25 +158,29 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
 
 
 def write_training_eval(out_dir: Path, scored: dict, prompts: dict, num_decimals: int, max_bins: int, *,
-                        record=lambda names: None) -> dict:
+                        num_samples: int = 0, record=lambda names: None) -> dict:
     """calft.train's outputs of evaluate_models over base and fine-tuned: print each split's block,
-    write eval_table_<split>.md, tracking_<split>.png and eval.json (each name passed to `record`
-    first: the run marker's list); returns {split: summaries and rows}."""
+    write eval_table_<split>.md, tracking_<split>.png (where the base was scored) and eval.json
+    (each name passed to `record` first: the run marker's list); returns {split: summaries and rows}."""
     results = {}
     for split, preps in prompts.items():
-        base_summary, tuned_summary = scored["summaries"][split]["base"], scored["summaries"][split]["fine-tuned"]
-        base_track, tuned_track = scored["tracking"][split]["base"], scored["tracking"][split]["fine-tuned"]
-        base_rows, tuned_rows = scored["rows"][split, "base"], scored["rows"][split, "fine-tuned"]
-        misses = missed_targets(tuned_track, tuned_summary, base_summary)
-        print(format_split_summary(split, len(preps), num_decimals, max_bins, scored["summaries"][split],
-                                   scored["tracking"][split], misses))
-        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
-                      title=f"{split}: model vs target mean and sd")
-        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
-                          "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
-        record([f"eval_table_{split}.md", f"tracking_{split}.png"])
-        table = format_comparison_table(scored["summaries"][split], metrics=list(HEADLINE_METRICS))
-        (out_dir / f"eval_table_{split}.md").write_text(f"{format_tracking_table(scored['tracking'][split])}\n\n{table}\n")
+        if split not in scored["summaries"]:
+            continue  # nothing measured on this split
+        summaries, tracking = scored["summaries"][split], scored["tracking"][split]
+        base_summary, tuned_summary = summaries.get("base"), summaries["fine-tuned"]
+        base_rows, tuned_rows = scored["rows"].get((split, "base")), scored["rows"][split, "fine-tuned"]
+        misses = missed_targets(tracking["fine-tuned"], tuned_summary, base_summary)
+        text = format_split_summary(split, len(preps), num_decimals, max_bins, summaries, tracking, misses, num_samples)
+        print(text, flush=True)
+        if base_rows is not None:
+            record([f"tracking_{split}.png"])
+            plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
+                          title=f"{split}: model vs target mean and sd")
+        results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": tracking.get("base"),
+                          "finetuned_tracking": tracking["fine-tuned"], "base_rows": base_rows,
+                          "finetuned_rows": tuned_rows, "missed": misses}
+        record([f"eval_table_{split}.md"])
+        (out_dir / f"eval_table_{split}.md").write_text(text.lstrip("\n") + "\n")
     record(["eval.json"])
     (out_dir / "eval.json").write_text(json.dumps(
         {"num_decimals": num_decimals, "max_bins": max_bins, "splits": results}, indent=2, default=float))

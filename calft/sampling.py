@@ -207,21 +207,29 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def draw_tokens(logits: torch.Tensor, uniforms: np.ndarray, *, temperature: float = 1.0, top_p: float = 1.0):
-    """Inverse-CDF draw of one token per row: token = min{k : CDF(k) > u * CDF(V-1)}.
-
-    logits [B, V]; uniforms float64 [B] in [0, 1). Softmax and CDF in float64.
-    With top_p < 1 only the smallest set of most probable tokens with mass >= top_p is kept.
-    """
+def token_cdf(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The float64 CDF over the vocabulary of each row's next-token distribution: [B, V].
+    With top_p < 1 only the smallest set of most probable tokens with mass >= top_p is kept."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # keeps the token that crosses top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
-    cdf = probs.cumsum(dim=-1)
-    u = torch.as_tensor(uniforms, dtype=torch.float64).unsqueeze(-1) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return tok.clamp_(max=logits.shape[-1] - 1)
+    return probs.cumsum(dim=-1)
+
+
+def invert_cdf(cdf: torch.Tensor, uniforms) -> torch.Tensor:
+    """token = min{k : cdf(k) > u * cdf(V-1)} for each u: cdf [V] with uniforms [n], or [B, V] with [B]."""
+    u = torch.as_tensor(uniforms, dtype=torch.float64, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def draw_tokens(logits: torch.Tensor, uniforms: np.ndarray, *, temperature: float = 1.0, top_p: float = 1.0):
+    """Inverse-CDF draw of one token per row: token = min{k : CDF(k) > u * CDF(V-1)}.
+
+    logits [B, V]; uniforms float64 [B] in [0, 1). Softmax and CDF in float64 (token_cdf).
+    """
+    return invert_cdf(token_cdf(logits, temperature=temperature, top_p=top_p), uniforms)
 
 
 @torch.no_grad()
@@ -284,16 +292,22 @@ class SampledPrompt:
 
 
 def evaluate_sampling(model, tokenizer, prepared_list, *, num_samples: int = 1000, seed: int = 0,
-                      batch_size: int = 64, max_new_tokens: int = 32, progress: bool = True) -> list[SampledPrompt]:
-    """Run the sampling protocol on prepared prompts (calft.data.PreparedPrompt)."""
+                      batch_size: int = 1024, max_new_tokens: int = 32, progress: bool = True) -> list[SampledPrompt]:
+    """Run the sampling protocol on prepared prompts (calft.data.PreparedPrompt): the answers of
+    several prompts decoded together, `batch_size` rows at a time (calft.batch_sampling; the
+    same answers as generate_samples draws one prompt at a time)."""
     from tqdm.auto import tqdm
 
+    from calft.batch_sampling import sample_prompts
+
     model.eval()
+    with tqdm(total=len(prepared_list), desc="sampling", disable=not progress) as bar:
+        outputs = sample_prompts(model, tokenizer, [p.prompt_ids for p in prepared_list], num_samples, seed=seed,
+                                 prompt_keys=[p.text for p in prepared_list], max_rows=batch_size,
+                                 max_new_tokens=max_new_tokens, progress=bar.update)
     results = []
-    for prep in tqdm(prepared_list, desc="sampling", disable=not progress):
+    for prep, outs in zip(prepared_list, outputs):
         family_id, params = prep.spec.family_id, prep.spec.params_dict
-        outs = generate_samples(model, tokenizer, prep.prompt_ids, num_samples, seed=seed, prompt_key=prep.text,
-                                batch_size=batch_size, max_new_tokens=max_new_tokens)
         _, values = classify_outputs(outs, family_id, params)
         results.append(SampledPrompt(family_id, dict(params), outs, values, sample_metrics(outs, family_id, params)))
     return results

@@ -232,22 +232,24 @@ def without_adapter(model):
         yield model
 
 
-def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, sample_labels=None, num_samples: int = 0,
-                    seed: int = 0, chunk_size: int = 256, batch_size: int = 64, max_new_tokens: int = 32,
+def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, exact_splits=None, sample_labels=None,
+                    num_samples: int = 0, seed: int = 0, chunk_size: int = 256, batch_size: int = 1024,
+                    max_new_tokens: int = 32,
                     keep_log_probs: bool = False, autocast=None, after_model=None, progress: bool = True) -> dict:
     """Score every model on every split's prepared prompts; one row per (split, model, prompt).
 
     models: [(label, open)] where open() is a context manager yielding the model (the base model of
         a PeftModel: `without_adapter(model)`; a freshly loaded one: see calft.eval).
     prepared: {split: [PreparedPrompt]}. exact: the exact metrics (docs/method.md, section
-        'Metrics'); sampling: num_samples answers per prompt at temperature 1 from the models in
+        'Metrics'), on every split or only those in exact_splits; sampling: num_samples answers per
+        prompt at temperature 1 from the models in
         sample_labels (None = every model; 0 samples = none), with their tracking metrics.
     autocast: (device type, dtype) for torch.autocast, or None. after_model(label, model): called
         while the model is open, after its splits (e.g. extra benchmarks).
     Returns {"rows": {(split, label): [row]}, "summaries": {split: {label: summarize(rows)}},
     "tracking": {split: {label: summarize_tracking(rows)}}, "seconds": {(label, split): s},
     "probs": {(split, label): [m(s)/M per string]} (keep_log_probs), "samples": {(split, label):
-    [valid sampled values]}}.
+    [valid sampled values]}}. A (split, model) with neither exact nor sampled metrics has no entry.
     """
     out = {"rows": {}, "summaries": {}, "tracking": {}, "seconds": {}, "probs": {}, "samples": {}}
     for label, open_model in models:
@@ -257,20 +259,24 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, sa
                 for split, preps in prepared.items():
                     t0 = time.perf_counter()
                     rows = [{"family_id": p.spec.family_id, "params": dict(p.spec.params_dict)} for p in preps]
-                    if exact:
+                    do_exact = exact and (exact_splits is None or split in exact_splits)
+                    do_sample = num_samples > 0 and (sample_labels is None or label in sample_labels)
+                    if not (do_exact or do_sample):
+                        continue
+                    if do_exact:
                         scored = evaluate_exact(model, tokenizer, preps, progress, seed=seed,
                                                 chunk_size=chunk_size, return_log_probs=keep_log_probs)
                         if keep_log_probs:
                             out["probs"][split, label] = [np.exp(r.pop("log_m") - r["log_support_mass"]) for r in scored]
                         for row, r in zip(rows, scored):
                             row.update({k: v for k, v in r.items() if k not in ("family_id", "params")})
-                    if num_samples > 0 and (sample_labels is None or label in sample_labels):
+                    if do_sample:
                         sampled = evaluate_sampling(model, tokenizer, preps, num_samples=num_samples, seed=seed,
                                                     batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                     progress=progress)
                         out["samples"][split, label] = [smp.values for smp in sampled]
                         for row, smp, prep in zip(rows, sampled, preps):
-                            row.update(smp.metrics, **sample_tracking(prep.support, smp.values))
+                            row.update(smp.metrics, **sample_tracking(prep.support, smp.values, seed=seed))
                     out["seconds"][label, split] = time.perf_counter() - t0
                     out["rows"][split, label] = rows
                     out["summaries"].setdefault(split, {})[label] = summarize(rows)

@@ -2,7 +2,7 @@
 
 Run (a single process, CPU or one GPU):
     python -m calft.train                                  # quick recipe, embedded SmolLM2 (< 10 min on 2 CPU cores)
-    python -m calft.train --recipe long                    # 640 steps: meets the calibration targets (~27 min)
+    python -m calft.train --recipe long                    # 640 steps: met the earlier exact targets (~27 min)
     python -m calft.train --recipe paper-soft --model Qwen/Qwen3-0.6B --output-dir runs/qwen-soft
     python -m calft.train --output-dir runs/quick --resume # continue an interrupted run exactly
 Scale out (the global --batch-size is kept; accumulation = batch / (micro batch x processes)):
@@ -15,13 +15,11 @@ and schedule, one training loop, evaluation (calft.scoring.evaluate_models, as c
 objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
 calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability (calft/checkpoint.py's docstring has the details): checkpoints every
---checkpoint-interval steps, at the end, on SIGINT/SIGTERM (exit status 128 + signal) and on a
-non-finite loss (exit status 3); --resume continues bit for bit at the same thread count; bad flags
-fail before any work (exit status 2, one line); one process at a time per run directory.
+Reliability (calft/checkpoint.py): checkpoints every --checkpoint-interval steps, at the end, on
+SIGINT/SIGTERM (exit status 128 + signal) and on a non-finite loss (exit 3); --resume continues bit
+for bit at the same thread count; bad flags fail before any work (exit 2); one process per run dir.
 Scale-out: DDP or FSDP2 (--fsdp: one fully_shard unit per block); each rank takes a slice of every
-global batch, whose loss weights are normalized globally, so N processes take the same steps as
-one. Rank 0 writes checkpoints and runs the final evaluation (skipped under --fsdp).
+global batch (loss weights normalized globally); rank 0 checkpoints and evaluates (not under --fsdp).
 """
 import argparse
 import gc
@@ -53,6 +51,7 @@ from calft.cli import add_flags, comma_list, knob  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.models import DEFAULT_MODEL, add_lora, check_model_files, decoder, load_model, load_tokenizer  # noqa: E402
+from calft.precision import PRECISIONS, autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.report import write_training_eval  # noqa: E402
 from calft.scoring import evaluate_models, without_adapter  # noqa: E402
@@ -107,6 +106,9 @@ class TrainConfig:
                                  "ceil(items/batch) steps per epoch); off = drop it")
     weight_decay: float = knob(0.01, "AdamW weight decay (LoRA weights)")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    off_support_weight: float = knob(0.0, "lambda x -log(model mass on a trained node's children) added to the "
+                                     "loss: mass back on the support; 0 = off")
+    precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
     lora_alpha: float = knob(32.0, "LoRA alpha (scale = alpha / r)")
@@ -137,20 +139,20 @@ class TrainConfig:
     eval_bins: int = knob(1001, "max support strings per evaluation prompt")
     eval_prompts_per_family: int = knob(3, "prompts per family and split, spread over the parameter "
                                         "grid; -1 = the split's own cap")
-    eval_samples: int = knob(100, "answers sampled per prompt from the fine-tuned model (temperature 1) "
-                             "for the sampling KS and mean error; 0 = exact metrics only")
+    eval_samples: int = knob(100, "answers sampled per prompt from the fine-tuned model (temperature 1); 0 = none")
+    eval_exact_split: str = knob("test_selected", "splits of --eval-split also scored exactly, base and fine-tuned; '' = none")
 
 
 # Per-recipe defaults (why each value, what the alternatives measured: docs/method.md, 'Recipes'). The paper
 # recipes reproduce the artifact's loop (last partial batch trained, HF int(3% x steps) warmup, no clipping).
 _ARTIFACT_LOOP = dict(keep_last_batch=True, warmup_rule="hf", grad_clip=0.0)
 _QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=True, num_decimals=1, max_bins=1001,
-              max_prompts_per_family=16, epochs=2, batch_size=8, micro_batch_size=8, lr=1.5e-3, warmup_frac=0.05,
-              lora_dropout=0.0, lora_targets="all-linear", checkpoint_interval=25, eval_decimals=1, eval_bins=1001,
-              eval_samples=50)
+              max_prompts_per_family=32, max_steps=240, off_support_weight=1.0, batch_size=8, micro_batch_size=8,
+              lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0, lora_targets="all-linear", checkpoint_interval=25,
+              eval_decimals=1, eval_bins=1001, eval_samples=100)
 RECIPES = {
     "quick": _QUICK,
-    "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 640, "checkpoint_interval": 50},
+    "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 640, "off_support_weight": 0.0, "checkpoint_interval": 50},
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
@@ -201,8 +203,7 @@ def check_config(cfg: TrainConfig) -> None:
     def flag(key):
         return "--" + key.replace("_", "-")
 
-    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins",
-                "eval_bins"):
+    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins", "eval_bins"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{flag(key)} must be >= 1, got {getattr(cfg, key)}")
     for key in ("max_steps", "stop_at_step", "max_prompts_per_family", "eval_prompts_per_family"):
@@ -215,7 +216,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
-    for split in cfg.eval_split.split(","):  # an empty item is an error here too
+    for split in cfg.eval_split.split(",") + comma_list(cfg.eval_exact_split):  # an empty item is an error here too
         if split.strip() not in SPLITS:
             raise ValueError(f"--eval-split: unknown split {split.strip()!r}; known: {', '.join(SPLITS)}")
     try:
@@ -246,8 +247,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.trie_pack and not (cfg.mode == "trie" or cfg.share_prompt):
         raise ValueError("--trie-pack applies to --mode trie and --share-prompt")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is "
-                         "False): use --device cpu or auto")
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False): use --device cpu or auto")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file, not a directory")
@@ -285,8 +285,7 @@ if cfg.batch_size % (cfg.micro_batch_size * world_size):
     fail(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
          f"{cfg.micro_batch_size} x {world_size} processes")
 grad_accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
-# bf16 autocast on CUDA (LoRA weights and the loss stay fp32); plain fp32 on CPU
-autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+autocast_dtype = precision_dtype(device.type, cfg.precision)  # bf16 where native; LoRA weights and loss stay fp32
 
 # The run directory (calft.checkpoint.claim_run_dir): only a directory calft started a run in (its
 # marker) is reused, resumed or overwritten; one process at a time (an flock held until exit).
@@ -299,7 +298,8 @@ if master:
     except checkpoint.RunDirError as err:
         fail(str(err))
     print(json.dumps(asdict(cfg), indent=2))
-    print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}")
+    print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}; "
+          f"{describe_precision(device.type, autocast_dtype)}")
 if distributed:
     dist.barrier()
 
@@ -345,23 +345,23 @@ if master:
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
 
 try:
-    model = load_model(cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       device=device)
+    model = load_model(cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
 except ValueError as err:
     fail(str(err))
 if model.config.vocab_size < len(tokenizer):
     fail(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=("all-linear" if cfg.lora_targets.strip() == "all-linear" else
-                                     comma_list(cfg.lora_targets)))
+                     target_modules="all-linear" if cfg.lora_targets.strip() == "all-linear" else comma_list(cfg.lora_targets))
 except ValueError as err:
     fail(str(err))
 model.train()
-objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp)
+objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp,
+                             off_support_weight=cfg.off_support_weight)
 trainable = [p for p in objective.parameters() if p.requires_grad]
 if cfg.fsdp:
-    mp = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if autocast_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)  # CPU: fp32 params under autocast
+          if autocast_dtype and device.type == "cuda" else MixedPrecisionPolicy())
     for layer in decoder(model).layers:  # one FSDP unit per transformer block, then the root
         fully_shard(layer, mp_policy=mp)
     fully_shard(objective, mp_policy=mp)
@@ -591,8 +591,7 @@ summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_
            "tokens_per_s": (tokens_before + tokens_seen) / max(train_time, 1e-9),
            "processes": world_size, "segments": segment}
 if cfg.eval and cfg.fsdp and master:
-    print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter "
-          "with python -m calft.eval")
+    print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter with python -m calft.eval")
 if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft.eval's code path too
     eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
     model.eval()
@@ -602,15 +601,16 @@ if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
                                max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
         eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
-    # the fine-tuned model only is sampled: the base answers in prose (slow, ~0 valid)
+    # only the fine-tuned model is sampled (the base answers in prose); exact: base and fine-tuned on --eval-exact-split
     scored = evaluate_models([("base", lambda: without_adapter(model)), ("fine-tuned", lambda: nullcontext(model))],
-                             tokenizer, eval_prompts, sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
+                             tokenizer, eval_prompts, exact_splits=set(comma_list(cfg.eval_exact_split)),
+                             sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
                              seed=cfg.seed, autocast=(device.type, autocast_dtype) if autocast_dtype else None,
                              progress=cfg.progress)
     results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
-                                  record=lambda names: checkpoint.record_files(out_dir, names))
+                                  num_samples=cfg.eval_samples, record=lambda names: checkpoint.record_files(out_dir, names))
     summary.update(eval_time_s=time.time() - t_eval,
-                   eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
+                   eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking", "missed")}
                          for k, v in results.items()})
 if master:
     summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation

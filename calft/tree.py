@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from calft.losses import linear_soft_target_kl
+from calft.losses import SparseTargets, linear_soft_target_kl
 from calft.models import cache_kwarg, decoder, lm_head_weight, unwrap
 
 TREE_ATTENTION = ("eager", "sdpa")  # attention backends that honour a custom 4D float mask
@@ -319,9 +319,10 @@ class SoftTargetKLLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, off_support_weight: float = 0.0):
         super().__init__()
         self.model = model
+        self.off_support_weight = off_support_weight  # lambda of support_mixed_targets; 0 = plain KL
         self.autocast_dtype = autocast_dtype
         # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
         # then the rest) loses the gathered weights that the first call's backward needs.
@@ -366,6 +367,32 @@ class SoftTargetKLLoss(nn.Module):
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
             rows = self.hidden_rows(batch)
         weight, bias = lm_head_weight(self.model)
+        rows = rows.to(weight.dtype)
+        targets, weights = batch.targets, batch.weights
+        if self.off_support_weight > 0:
+            targets, weights = support_mixed_targets(rows, weight, bias, targets, weights, self.off_support_weight)
         # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
-        return linear_soft_target_kl(rows.to(weight.dtype), weight, batch.targets, bias=bias, weights=batch.weights,
-                                     reduction="sum", validate=False)
+        return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum", validate=False)
+
+
+@torch.no_grad()
+def support_mixed_targets(rows, weight, bias, targets: SparseTargets, weights, lam: float):
+    """Targets and weights whose soft-target KL has the gradient of KL(q || p) + lam * (-log P_S).
+
+    P_S = sum_{k in S} p_k is the model's mass on the row's target ids S (the trie's children):
+    d/dz [KL + lam (-log P_S)] = (softmax - q) + lam (softmax - p_S) = (1 + lam) softmax - (q + lam p_S),
+    with p_S the model's softmax renormalized on S (held fixed: no gradient through it). That is
+    (1 + lam) x the KL gradient toward q' = (q + lam p_S) / (1 + lam), a distribution on S: the same
+    op with target q' and weight (1 + lam) w. Costs one [nnz, H] gather-dot (nnz = target entries).
+    """
+    N = targets.row_ptr.numel() - 1
+    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32  # fp32 at least, as the loss
+    row_of = torch.repeat_interleave(torch.arange(N, device=rows.device), targets.row_ptr.diff())  # [nnz]
+    z = (rows.to(dt)[row_of] * weight.to(dt)[targets.token_ids]).sum(-1)  # logits at S: [nnz]
+    if bias is not None:
+        z = z + bias.to(dt)[targets.token_ids]
+    zmax = torch.full((N,), -torch.inf, dtype=dt, device=z.device).scatter_reduce(0, row_of, z, "amax")
+    e = (z - zmax[row_of]).exp()
+    p_s = e / torch.zeros(N, dtype=dt, device=z.device).index_add_(0, row_of, e)[row_of]
+    q = (targets.probs.to(dt) + lam * p_s) / (1.0 + lam)
+    return SparseTargets(targets.row_ptr, targets.token_ids, q.to(targets.probs.dtype)), weights * (1.0 + lam)

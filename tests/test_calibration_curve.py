@@ -55,8 +55,8 @@ def test_reference_runs_are_drawn_from_their_own_evaluation(tiny_model_dir, tmp_
     subprocess.run([sys.executable, "-m", "calft.train", "--model", str(tiny_model_dir), "--output-dir", str(run),
                     "--families", "gaussian,binomial", "--max-prompts-per-family", "4", "--num-decimals", "1",
                     "--max-bins", "40", "--batch-size", "4", "--lora-r", "4", "--max-steps", "2", "--no-progress",
-                    "--eval-split", "test_within_range", "--eval-prompts-per-family", "2", "--eval-bins", "40",
-                    "--eval-samples", "2"], check=True, capture_output=True)
+                    "--eval-split", "test_within_range", "--eval-exact-split", "test_within_range",
+                    "--eval-prompts-per-family", "2", "--eval-bins", "40", "--eval-samples", "2"], check=True, capture_output=True)
     curve = tmp_path / "curve.json"
     curve.write_text(json.dumps({"rows": [{"model": "base", "step": 0, "minutes": 0.0, "location_r2": 0.1}]}))
     result = calibration_curve.main(["--plot-only", "--reference", f"tiny={run}", "--output", str(curve),

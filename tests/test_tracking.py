@@ -132,12 +132,16 @@ def test_spread_indices_cover_every_axis(shape, k):
 def test_missed_targets_names_every_miss():
     from calft.tracking import missed_targets
 
-    tracking = {"location_r2": 0.95, "sd_within_2x": 0.7, "median_sample_ks": 0.15}
+    tracking = {"sample_location_r2": 0.95, "sample_sd_within_2x": 0.7, "median_sample_ks": 0.15,
+                "in_support_rate": 0.9, "location_r2": 0.5,  # exact R^2: not a target any more
+                "per_family": {"a": {"sample_location_slope": 0.9}, "b": {"sample_location_slope": 0.5},
+                               "t": {"sample_location_slope": float("nan")}}}  # no slope (constant targets)
     exact = {"support_mass": 0.85, "per_family": {"a": {"seq_kl_renorm": 0.2}, "b": {"seq_kl_renorm": 0.9}}}
     base = {"per_family": {"a": {"seq_kl_renorm": 1.0}, "b": {"seq_kl_renorm": 0.5}}}
     missed = missed_targets(tracking, exact, base)
-    assert missed == ["sd_within_2x 0.7 (target >= 0.75)", "support_mass 0.85 (target >= 0.9)",
-                      "seq_kl_renorm worse than the base model's for b"]
-    good = {"support_mass": 0.95, "per_family": {"a": {"seq_kl_renorm": 0.2}}}
-    assert missed_targets({"location_r2": 0.9, "sd_within_2x": 0.8, "median_sample_ks": 0.2}, good, base) == []
-    assert missed_targets({"location_r2": float("nan")}, {"support_mass": 0.95}) == []  # unmeasured: no claim
+    assert missed == ["sample_sd_within_2x 0.7 (target >= 0.75)", "in_support_rate 0.9 (target >= 0.95)",
+                      "sampled slope below 0.7 for b 0.50", "seq_kl_renorm worse than the base model's for b"]
+    good = {"sample_location_r2": 0.9, "sample_sd_within_2x": 0.8, "median_sample_ks": 0.2, "in_support_rate": 0.95,
+            "per_family": {"a": {"sample_location_slope": 0.7}}}
+    assert missed_targets(good, {"per_family": {"a": {"seq_kl_renorm": 0.2}}}, base) == []
+    assert missed_targets({"sample_location_r2": float("nan")}) == []  # unmeasured: no claim
