@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -57,8 +56,8 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm import tqdm
 
-from calft import checkpoint
-from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer
+from calft import checkpoint, fileio
+from calft.models import DEFAULT_MODEL, add_lora, decoder, load_model, load_tokenizer, lora_plan
 from calft.splits import SPLITS, get_split
 
 
@@ -244,7 +243,7 @@ from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.prompts import set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.models import check_model_files  # noqa: E402
-from calft.support import _MAX_DECIMALS  # noqa: E402
+from calft.support import _MAX_DECIMALS, MAX_BINS  # noqa: E402
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -256,6 +255,9 @@ def check_config(cfg: TrainConfig) -> None:
                 "eval_bins"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{flag(key)} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("max_bins", "eval_bins"):
+        if getattr(cfg, key) > MAX_BINS:
+            raise ValueError(f"{flag(key)} must be <= {MAX_BINS:,} (support strings per prompt), got {getattr(cfg, key)}")
     for key in ("max_steps", "stop_at_step", "max_prompts_per_family", "eval_prompts_per_family"):
         if getattr(cfg, key) < 1 and getattr(cfg, key) != -1:
             raise ValueError(f"{flag(key)} must be >= 1, or -1 (the sentinel), got {getattr(cfg, key)}")
@@ -302,8 +304,34 @@ def check_config(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file, not a directory")
+    if cfg.lora_targets.strip() != "all-linear" and not lora_targets(cfg):
+        raise ValueError(f"--lora-targets {cfg.lora_targets!r} names no module: give comma-separated "
+                         "module names (e.g. q_proj,v_proj) or all-linear")
 
 
+def lora_targets(cfg: TrainConfig):
+    return "all-linear" if cfg.lora_targets.strip() == "all-linear" else \
+        [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+
+
+def check_memory(cfg: TrainConfig, items_per_epoch: int) -> None:
+    """Refuse, with the numbers, a run whose model, LoRA state and epoch plan cannot fit in this
+    machine's memory, before anything is allocated (the model is laid out on the meta device)."""
+    base, lora = lora_plan(cfg.model, lora_targets(cfg), cfg.lora_r)  # unknown targets -> ValueError
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    parts = {"the model": base * (2 if on_gpu else 4),
+             "LoRA weights, gradients and AdamW moments": lora * 4 * 4,
+             "the epoch's plan": items_per_epoch * 2 * 8 * 2}
+    need, have = sum(parts.values()), fileio.machine_memory()
+    if need > have:
+        raise ValueError(f"this run needs at least {fileio.format_bytes(need)} of memory ("
+                         + ", ".join(f"{k} {fileio.format_bytes(v)}" for k, v in parts.items() if v > have / 100)
+                         + f"), more than this machine's {fileio.format_bytes(have)}: lower --lora-r, "
+                         "--samples-per-prompt or the number of prompts")
+
+
+# Every flag, the split and the model's layout are checked here, before anything is written: a
+# mistake exits with status 2 and leaves no run directory behind.
 try:
     families = [s.strip() for s in cfg.families.split(",") if s.strip()] or None
     for fam in families or ():
@@ -313,8 +341,19 @@ try:
     set_reasoning_effort(cfg.reasoning_effort)  # before any prompt is rendered
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
+    specs = get_split(cfg.train_split, families=families,
+                      max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
+    # Tree batches (trie mode, soft --share-prompt): one item per prompt per epoch, each one
+    # tree-attention forward of its prompt + nodes (calft.tree); the global batch counts prompts.
+    tree_batches = cfg.mode == "trie" or cfg.share_prompt
+    items_per_epoch = len(specs) * (1 if tree_batches else cfg.samples_per_prompt)
+    spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+    check_memory(cfg, items_per_epoch)
 except ValueError as err:
     fail(str(err))
+except OSError as err:  # the embedded model's first conversion on a full disk
+    fail(f"cannot prepare the model: {fileio.describe_os_error(err)}", 1)
 
 distributed = "RANK" in os.environ
 if cfg.fsdp and not distributed:
@@ -344,44 +383,27 @@ autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 out_dir = Path(cfg.output_dir)
 ckpt_dir = out_dir / checkpoint.CKPT
 metrics_path = out_dir / "metrics.jsonl"
-train_fields = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+resuming = False
 if master:
-    if out_dir.is_dir() and not checkpoint.is_run(out_dir) and \
-            any(p.name != checkpoint.LOCK_NAME for p in out_dir.iterdir()):
-        fail(f"{out_dir} is not empty and holds no calft run (no {checkpoint.RUN_MARKER}): choose "
-             "another --output-dir, or an empty or new one")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        locked = checkpoint.hold_lock(out_dir / checkpoint.LOCK_NAME)  # held until the script ends
-    except OSError as err:
-        fail(f"cannot write to --output-dir {out_dir}: {err.strerror or err}")
-    if not locked:
-        fail(f"another calft.train process is running in {out_dir} (it holds "
-             f"{out_dir / checkpoint.LOCK_NAME}): wait for it to finish, or choose another --output-dir")
-    if checkpoint.is_run(out_dir):
-        try:
-            old = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        old = {k: v for k, v in old.items() if k not in RUN_ONLY_FIELDS}
-        if cfg.overwrite:
-            checkpoint.remove_run(out_dir)  # only the files calft wrote
-        elif old != train_fields:
-            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
-                    if old.get(k) != train_fields.get(k)}
-            fail(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
-                 "--overwrite to replace it or choose another --output-dir")
-        elif not cfg.resume:
-            fail(f"{out_dir} already holds this run: pass --resume to continue it or --overwrite "
-                 "to start over")
-        elif checkpoint.recover(out_dir) is None and metrics_path.exists():
+        resuming = checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume,
+                                            overwrite=cfg.overwrite)
+    except checkpoint.RunDirError as err:
+        fail(str(err))
+    except OSError as err:  # the marker or config.json on a full disk (their temp files are gone)
+        fail(f"cannot start the run in {out_dir}: {fileio.describe_os_error(err)}", 1)
+    if resuming and not distributed and checkpoint.finished(out_dir, max_steps):  # write nothing
+        print(f"{out_dir} already holds the finished run ({max_steps} steps): nothing to do")
+        checkpoint.release_locks()
+        sys.exit(0)
+    if resuming and checkpoint.recover(out_dir) is None:
+        if checkpoint.was_checkpointed(out_dir):  # deleted, not "never written": no silent restart
+            fail(f"cannot resume: {ckpt_dir} is missing, but this run wrote checkpoints (its "
+                 f"{checkpoint.RUN_MARKER} says so); nothing was changed. Pass --overwrite instead of "
+                 "--resume to start this run over")
+        if metrics_path.exists():
             print(f"calft.train: warning: {out_dir} has no checkpoint (the run stopped before its "
                   "first one): starting from step 0 again", file=sys.stderr, flush=True)
-    elif cfg.resume:
-        print(f"calft.train: warning: no run in {out_dir} yet: --resume starts a new one",
-              file=sys.stderr, flush=True)
-    checkpoint.record_files(out_dir, ["config.json", "metrics.jsonl"])
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}")
 if distributed:
@@ -394,28 +416,18 @@ torch.manual_seed(cfg.seed)
 # ------------------------------------------------------------------------------------------------
 # data: prompts -> supports -> tries (cached on disk by calft.data); rank 0 fills the cache first
 
-try:
-    specs = get_split(cfg.train_split, families=families,
-                      max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
-except ValueError as err:
-    fail(str(err))
 settings = DataSettings(num_decimals=cfg.num_decimals, max_bins=cfg.max_bins)
 for turn in (0, 1) if distributed else (0,):
     if (turn == 0) == master:
-        prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
+        try:
+            prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
+        except OSError as err:  # the data cache on a full disk (its temp file is removed)
+            fail(f"cannot write the prepared-data cache: {fileio.describe_os_error(err)}; free space "
+                 "and run again (--resume)", 1)
     if distributed:
         dist.barrier()
 # the answer's terminator comes from the chat template (Gemma: <end_of_turn>, not <eos>)
 eos_id, pad_id = terminator_ids(tokenizer), tokenizer.pad_token_id
-# Tree batches (trie mode, soft --share-prompt): one item per prompt per epoch, each one
-# tree-attention forward of its prompt + nodes (calft.tree); the global batch counts prompts.
-tree_batches = cfg.mode == "trie" or cfg.share_prompt
-items_per_epoch = len(prompts) * (1 if tree_batches else cfg.samples_per_prompt)
-try:
-    spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
-except ValueError as err:
-    fail(str(err))
-max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
 snapshot_steps = {int(x) for x in cfg.snapshot_steps.split(",") if x.strip()}
 if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set by --epochs
     print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
@@ -522,8 +534,11 @@ def save_checkpoint(step: int):
     try:
         checkpoint.save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
                         meta, write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+        checkpoint.record_files(out_dir, [], checkpointed=True)  # a later missing checkpoint/ is refused
     except checkpoint.CheckpointError as err:
         fail(str(err), status=1)
+    except OSError as err:
+        fail(f"could not update {checkpoint.RUN_MARKER}: {fileio.describe_os_error(err)}", status=1)
 
 
 def save_snapshot(step: int):
@@ -531,13 +546,19 @@ def save_snapshot(step: int):
     adapter = adapter_state(trainable_state())
     if not master:
         return  # under FSDP every rank took part in gathering the state
-    checkpoint.record_files(out_dir, ["snapshots"])
-    final = out_dir / "snapshots" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)
-    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
-    os.replace(tmp, final)
+    try:
+        checkpoint.record_files(out_dir, ["snapshots"])
+        folder = fileio.check_target(out_dir / "snapshots", out_dir)
+        folder.mkdir(exist_ok=True)
+        final = fileio.check_target(folder / f"step_{step}", out_dir)
+        with fileio.temp_dir(folder, final.name) as tmp:
+            model.save_pretrained(tmp / "new", state_dict=adapter)
+            if final.exists():  # a redone step after --resume replaces its snapshot
+                os.replace(final, tmp / "old")  # deleted with tmp
+            os.replace(tmp / "new", final)
+    except (OSError, ValueError) as err:
+        why = err if isinstance(err, ValueError) else fileio.describe_os_error(err)
+        fail(f"could not write the snapshot of step {step}: {why}; continue with --resume", 1)
 
 
 # resume: step, timings, token count and last loss carry over; the run's segments add up
@@ -547,6 +568,8 @@ t_start = time.time()  # training time of this process; elapsed_before = earlier
 if cfg.resume and ckpt_dir.exists():
     try:
         tensors, state = checkpoint.load(ckpt_dir)
+        checkpoint.validate_state(state, tensors, max_steps=max_steps, steps_per_epoch=spe, metrics_path=metrics_path,
+                                  params={n: tuple(p.shape) for n, p in objective.named_parameters() if p.requires_grad})
         lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         if set(lora) != trainable_names:
             raise checkpoint.CheckpointError(f"{ckpt_dir} holds {len(lora)} trainable tensors, but "
@@ -555,10 +578,11 @@ if cfg.resume and ckpt_dir.exists():
         set_optimizer_state_dict(objective, optimizer, checkpoint.unpack_optimizer(state["optimizer"], tensors),
                                  options=StateDictOptions(full_state_dict=True))
         rng = checkpoint.unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
-    except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError) as err:
+        checkpoint.set_rng_states(rng, device.type == "cuda")
+    except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError, TypeError, IndexError,
+            OverflowError) as err:
         fail(f"cannot resume from {ckpt_dir}: {err}. Nothing was changed; pass --overwrite instead of "
              "--resume to start this run over")
-    checkpoint.set_rng_states(rng, device.type == "cuda")
     step, elapsed_before, tokens_before = state["step"], state["train_time_s"], state["tokens"]
     last_loss, segment = state["loss"], state["segments"] + 1
     if master:
@@ -568,15 +592,10 @@ if cfg.resume and ckpt_dir.exists():
             print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
                   f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
                   "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
-        if metrics_path.exists():  # drop steps logged after that checkpoint (redone) and a torn last line
-            kept = []
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        try:  # drop steps logged after that checkpoint (redone) and a torn last line
+            checkpoint.truncate_metrics(metrics_path, step)
+        except OSError as err:
+            fail(f"cannot rewrite {metrics_path}: {fileio.describe_os_error(err)}", 1)
 elif master:
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
@@ -595,7 +614,7 @@ def end_processes():
         dist.destroy_process_group()
 
 
-if step >= max_steps and (out_dir / "summary.json").is_file():  # --resume of a finished run
+if step >= max_steps and checkpoint.finished(out_dir, max_steps):  # --resume of a finished run (torchrun)
     if master:
         print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
     end_processes()
@@ -685,8 +704,11 @@ while step < max_steps:
         record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                   "elapsed_s": elapsed_before + time.time() - t_start}
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            fileio.append_line(metrics_path, json.dumps(record), root=out_dir)
+        except OSError as err:  # the step is redone after the last checkpoint by --resume
+            fail(f"cannot append to {metrics_path} ({fileio.describe_os_error(err)}); the last "
+                 f"checkpoint in {ckpt_dir} is intact: free space and continue with --resume", 1)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
         bar.update(1)
     if step in snapshot_steps:  # a plain adapter copy, kept (checkpoints rotate)
@@ -712,11 +734,33 @@ if exit_code or step < max_steps:
 # ------------------------------------------------------------------------------------------------
 # outputs: adapter + tokenizer at the top of --output-dir, then base vs fine-tuned evaluation
 
+def write_output(name: str, data) -> None:
+    """One output file of the run, written atomically (calft.fileio) and listed in the marker;
+    a full disk stops the run with one line (the checkpoint is complete: --resume redoes this)."""
+    try:
+        checkpoint.record_files(out_dir, [name])
+        if isinstance(data, (str, bytes)):
+            fileio.write_atomic(out_dir / name, data, root=out_dir)
+        else:
+            data(fileio.check_target(out_dir / name, out_dir))
+    except OSError as err:
+        fail(f"could not write {out_dir / name} ({fileio.describe_os_error(err)}); the final checkpoint "
+             f"in {ckpt_dir} is intact: free space and run again with --resume", 1)
+
+
 if master:  # the run marker lists every file written here (--overwrite deletes only those)
-    card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
-    checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
-    model.save_pretrained(out_dir, state_dict=adapter_state(trainable_state()))
-    checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
+    adapter = adapter_state(trainable_state())
+    try:  # adapter + tokenizer into a temp folder, then each file renamed into place
+        with fileio.temp_dir(out_dir, "outputs") as tmp:
+            model.save_pretrained(tmp, state_dict=adapter)
+            tokenizer.save_pretrained(tmp)
+            if (out_dir / "README.md").exists() and "README.md" not in checkpoint.recorded_files(out_dir):
+                (tmp / "README.md").unlink(missing_ok=True)  # the user's README stays (PEFT writes a card)
+            checkpoint.record_files(out_dir, [p.name for p in tmp.iterdir()])
+            fileio.move_files_into(tmp, out_dir, root=out_dir)
+    except OSError as err:
+        fail(f"could not write the adapter and tokenizer in {out_dir} ({fileio.describe_os_error(err)}); "
+             f"the final checkpoint in {ckpt_dir} is intact: free space and run again with --resume", 1)
 elif cfg.fsdp:
     trainable_state()  # collective: every rank takes part
 # every segment of a resumed run counts: time and tokens come from the checkpoint
@@ -741,7 +785,11 @@ if cfg.eval and master and not cfg.fsdp:
         members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
                                max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
-        eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+        try:
+            eval_prompts = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+        except OSError as err:
+            fail(f"cannot write the prepared-data cache: {fileio.describe_os_error(err)}; the final "
+                 "checkpoint is intact: free space and run again with --resume", 1)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             with model.disable_adapter():
                 base_rows = evaluate_exact(model, tokenizer, eval_prompts, progress=cfg.progress)
@@ -761,21 +809,18 @@ if cfg.eval and master and not cfg.fsdp:
               f"does the model follow the parameters? (pooled over families; see calft/tracking.py)\n{tracking}\n"
               f"exact metrics (family means):\n{table}\n"
               + (f"targets missed: {'; '.join(misses)}" if misses else "all calibration targets met"))
-        plot_tracking(out_dir / f"tracking_{split}.png", {"base": base_rows, "fine-tuned": tuned_rows},
-                      title=f"{split}: model vs target mean and sd")
+        write_output(f"tracking_{split}.png", lambda path: plot_tracking(
+            path, {"base": base_rows, "fine-tuned": tuned_rows}, title=f"{split}: model vs target mean and sd"))
         results[split] = {"base": base_summary, "finetuned": tuned_summary, "base_tracking": base_track,
                           "finetuned_tracking": tuned_track, "base_rows": base_rows, "finetuned_rows": tuned_rows}
-        checkpoint.record_files(out_dir, [f"eval_table_{split}.md", f"tracking_{split}.png"])
-        (out_dir / f"eval_table_{split}.md").write_text(f"{tracking}\n\n{table}\n")
-    checkpoint.record_files(out_dir, ["eval.json"])
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins, "splits": results}, indent=2, default=float))
+        write_output(f"eval_table_{split}.md", f"{tracking}\n\n{table}\n")
+    write_output("eval.json", json.dumps({"num_decimals": cfg.eval_decimals, "max_bins": cfg.eval_bins,
+                                          "splits": results}, indent=2, default=float))
     summary.update(eval_time_s=time.time() - t_eval,
                    eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking")}
                          for k, v in results.items()})
 if master:
     summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation
-    checkpoint.record_files(out_dir, ["summary.json"])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_output("summary.json", json.dumps(summary, indent=2, default=float))  # last: marks a finished run
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
 end_processes()
