@@ -275,8 +275,10 @@ def sweep(work: str, model: str) -> dict:
                 kind, _, where = site.partition(":")
                 if kind in ("mkdir", "mkdtemp", "mkstemp"):
                     continue  # the next write of the new path is the same moment
-                key = (kind if kind in ("rename", "rmtree") else "file",
-                       os.path.dirname(where) + "/*" if kind in ("remove", "rmdir") else where)
+                src = where.split("->")[0]
+                if kind in ("remove", "rmdir") or (kind == "rename" and ".tmp-*/" in src):
+                    where = os.path.dirname(src) + "/*"  # one file of a folder being emptied
+                key = (kind if kind in ("rename", "rmtree") else "file", where)
                 if key not in keys:
                     keys.add(key)
                     seen.append((site, key))

@@ -220,7 +220,8 @@ def test_kill_while_config_json_is_written(kill_sweep):
 
 
 def test_kill_while_metrics_are_rewritten_on_resume(kill_sweep):
-    assert_recovered(trials_at(kill_sweep, r"^open-w:RUN/.*metrics\.jsonl", phase="B"))
+    # phase B's sites that phase A lacks: the appends are deduplicated, what remains is the rewrite
+    assert_recovered(trials_at(kill_sweep, r"metrics\.jsonl", phase="B"))
 
 
 def test_kill_while_summary_json_is_written(kill_sweep):
