@@ -95,7 +95,12 @@ def atomic_write(path: Path, mode: str = "wb", root: Path | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        try:
+            f = os.fdopen(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
