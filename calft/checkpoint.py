@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -46,7 +47,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from calft.fileio import file_lock, hold_lock, release_locks, write_atomic  # noqa: F401 (re-exported)
+from calft.fileio import (TMP_MARK, check_target, file_lock, hold_lock, move_files_into,  # noqa: F401
+                          release_locks, remove_temps, temp_dir, write_atomic)
 
 RUN_MARKER = ".calft-run.json"
 LOCK_NAME = ".calft.lock"  # flock'ed by the process that trains in the directory
@@ -68,29 +70,61 @@ def is_run(out_dir: Path) -> bool:
         return False
 
 
-def record_files(out_dir: Path, names) -> None:
-    """Add `names` (paths relative to out_dir) to the marker's list of files calft wrote."""
-    path = Path(out_dir) / RUN_MARKER
-    files = set(json.loads(path.read_text())["files"]) if path.is_file() else set()
-    files |= {str(n) for n in names}
-    write_atomic(path, json.dumps({"calft_run": 1, "files": sorted(files)}, indent=1))
+def _marker(out_dir: Path) -> dict:
+    try:
+        marker = json.loads((Path(out_dir) / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def record_files(out_dir: Path, names, **flags) -> None:
+    """Add `names` (paths relative to out_dir) to the marker's list of files calft wrote, and
+    set `flags` in it (checkpointed=True: the run has written a checkpoint). Unchanged: no write."""
+    marker = _marker(out_dir)
+    files = set(marker.get("files", [])) if isinstance(marker.get("files"), list) else set()
+    new = {**marker, **flags, "calft_run": 1, "files": sorted(files | {str(n) for n in names})}
+    if new != marker:
+        write_atomic(Path(out_dir) / RUN_MARKER, json.dumps(new, indent=1), root=out_dir)
+
+
+def write_run_file(out_dir: Path, name: str, text: str) -> None:
+    """A file of the run at the top of out_dir: listed in the marker, then written atomically."""
+    record_files(out_dir, [name])
+    write_atomic(Path(out_dir) / name, text, root=out_dir)
+
+
+def recorded_files(out_dir: Path) -> set:
+    """The names the marker lists as written by calft."""
+    files = _marker(out_dir).get("files", [])
+    return set(files) if isinstance(files, list) else set()
+
+
+def was_checkpointed(out_dir: Path) -> bool:
+    """The run in out_dir wrote a checkpoint at some point (its marker says so)."""
+    return _marker(out_dir).get("checkpointed") is True
+
+
+def _remove(p: Path) -> None:
+    """Delete a file, a folder, or only the link when `p` is a symbolic link."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_run(out_dir: Path) -> None:
     """Delete what a calft run wrote in `out_dir` (listed in its marker, plus checkpoint folders),
-    leaving every other file; the lock file stays (another process may be waiting on it)."""
+    leaving every other file; the lock file stays (another process may be waiting on it). A
+    symbolic link is removed itself, never what it points to."""
     out_dir = Path(out_dir)
-    files = json.loads((out_dir / RUN_MARKER).read_text()).get("files", [])
-    for name in files:
-        p = out_dir / name
-        if p.resolve().parent != out_dir.resolve() or name in (LOCK_NAME, RUN_MARKER):
+    files = _marker(out_dir).get("files", [])
+    for name in files if isinstance(files, list) else ():
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..", LOCK_NAME, RUN_MARKER):
             continue  # only plain names directly inside the run dir
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        _remove(out_dir / name)
     for d in [out_dir / CKPT, out_dir / OLD, *out_dir.glob(TMP_PREFIX + "*")]:
-        shutil.rmtree(d, ignore_errors=True)
+        _remove(d)
     (out_dir / RUN_MARKER).unlink()
 
 
@@ -98,19 +132,31 @@ class RunDirError(ValueError):
     """A run directory that cannot be claimed: the message says why and what to do."""
 
 
+# names calft writes at the top of a run dir besides the marker's list: none may be a link
+_OWN_NAMES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "snapshots", CKPT, OLD, RUN_MARKER)
+
+
+def _is_own_temp(name: str) -> bool:
+    return name.startswith(".") and TMP_MARK in name or name == RUN_MARKER + ".tmp"
+
+
 def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
-                  prog: str = "calft.train") -> None:
-    """Make `out_dir` this process's run directory, or raise RunDirError (nothing changed).
+                  max_steps: int, prog: str = "calft.train") -> str:
+    """Make `out_dir` this process's run directory, or raise RunDirError (nothing written).
 
     Only a directory calft started a run in (its marker) is reused, resumed or overwritten; one
-    process at a time (an flock held until release_locks() or exit). A run with the same
-    config (fields outside `run_only_fields`) is resumed with `resume`, replaced with
-    `overwrite` (only the files it wrote are deleted), refused otherwise. Writes config.json.
+    process at a time (an flock held until release_locks() or exit). A run with the same config
+    (fields outside `run_only_fields`) is resumed with `resume`, replaced with `overwrite` (only
+    the files it wrote are deleted), refused otherwise. A symbolic link where calft writes is
+    refused (with `overwrite`: the link is removed). Temp files of killed writers are removed.
+    config.json is written for a new run only. Returns "new", "resume" (checkpoint/ recovered if
+    a kill left it mid-rotation) or "finished" (nothing written). A --resume whose checkpoint/ is
+    gone although the run wrote one is refused, never silently restarted from step 0.
     """
     out_dir = Path(out_dir)
-    metrics_path = out_dir / "metrics.jsonl"
     train_fields = {k: v for k, v in config.items() if k not in run_only_fields}
-    if out_dir.is_dir() and not is_run(out_dir) and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+    if out_dir.is_dir() and not is_run(out_dir) and \
+            any(p.name != LOCK_NAME and not _is_own_temp(p.name) for p in out_dir.iterdir()):
         raise RunDirError(f"{out_dir} is not empty and holds no calft run (no {RUN_MARKER}): choose "
                           "another --output-dir, or an empty or new one")
     try:
@@ -121,46 +167,100 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
     if not locked:
         raise RunDirError(f"another {prog} process is running in {out_dir} (it holds "
                           f"{out_dir / LOCK_NAME}): wait for it to finish, or choose another --output-dir")
+    for p in list(out_dir.iterdir()):  # we hold the lock: temp files are those of killed writers
+        if _is_own_temp(p.name) and not p.name.startswith(TMP_PREFIX):
+            _remove(p)
+    if (out_dir / "snapshots").is_dir() and not (out_dir / "snapshots").is_symlink():
+        remove_temps(out_dir / "snapshots")
+    files = _marker(out_dir).get("files", [])
+    names = {*_OWN_NAMES, *(n for n in (files if isinstance(files, list) else []) if isinstance(n, str) and "/" not in n)}
+    links = sorted(n for n in names if n not in ("", ".", "..") and (out_dir / n).is_symlink())
+    if links and not overwrite:
+        raise RunDirError(f"{out_dir / links[0]} is a symbolic link (to {os.readlink(out_dir / links[0])}); calft "
+                          "never writes through one: remove it, or pass --overwrite to start the run over "
+                          "(that removes the link, never what it points to)")
+    for n in links:
+        (out_dir / n).unlink()
     if is_run(out_dir):
-        try:
-            old = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        old = {k: v for k, v in old.items() if k not in run_only_fields}
+        old = _read_config(out_dir)
         if overwrite:
             remove_run(out_dir)  # only the files calft wrote
-        elif old != train_fields:
-            diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
-                    if old.get(k) != train_fields.get(k)}
-            raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
-                              "--overwrite to replace it or choose another --output-dir")
-        elif not resume:
-            raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "
-                              "--overwrite to start over")
-        elif recover(out_dir) is None and metrics_path.exists():
-            print(f"{prog}: warning: {out_dir} has no checkpoint (the run stopped before its "
-                  "first one): starting from step 0 again", file=sys.stderr, flush=True)
+        else:
+            old = {k: v for k, v in old.items() if k not in run_only_fields} if old is not None else train_fields
+            if old != train_fields:
+                diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
+                        if old.get(k) != train_fields.get(k)}
+                raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
+                                  "--overwrite to replace it or choose another --output-dir")
+            if not resume:
+                raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "
+                                  "--overwrite to start over")
+            if finished(out_dir, max_steps):
+                return "finished"
+            if not (out_dir / "config.json").is_file():  # killed before its first write
+                write_atomic(out_dir / "config.json", json.dumps(config, indent=2), root=out_dir)
+            if recover(out_dir) is None:
+                if was_checkpointed(out_dir):  # deleted, not "never written"
+                    raise RunDirError(f"cannot resume: {out_dir / CKPT} is missing, but this run wrote checkpoints "
+                                      f"(its {RUN_MARKER} says so); nothing was changed. Pass --overwrite instead "
+                                      "of --resume to start this run over")
+                if (out_dir / "metrics.jsonl").exists():
+                    print(f"{prog}: warning: {out_dir} has no checkpoint (the run stopped before its first "
+                          "one): starting from step 0 again", file=sys.stderr, flush=True)
+            return "resume"
     elif resume:
         print(f"{prog}: warning: no run in {out_dir} yet: --resume starts a new one",
               file=sys.stderr, flush=True)
     record_files(out_dir, ["config.json", "metrics.jsonl"])
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2), root=out_dir)
+    return "new"
+
+
+def _read_config(out_dir: Path) -> dict | None:
+    """The run's config: config.json, else the one its checkpoint holds; None when neither exists."""
+    for path, key in ((out_dir / "config.json", None), (out_dir / CKPT / STATE_JSON, "config"),
+                      (out_dir / OLD / STATE_JSON, "config")):
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        value = value.get(key) if key and isinstance(value, dict) else value
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def truncate_metrics(metrics_path: Path, step: int) -> None:
     """Keep the lines of metrics.jsonl up to `step` (steps logged after the checkpoint a run
-    resumes from are redone) and drop a torn last line."""
+    resumes from are redone) and drop a torn last line; rewritten atomically."""
     metrics_path = Path(metrics_path)
     if not metrics_path.exists():
         return
-    kept = []
-    for line in metrics_path.read_text().splitlines():
+    kept = [line for line, record in _metric_lines(metrics_path) if record["step"] <= step]
+    write_atomic(metrics_path, "".join(ln + "\n" for ln in kept), root=metrics_path.parent)
+
+
+def _metric_lines(metrics_path: Path):
+    """(line, record) of every whole, well-formed line of metrics.jsonl."""
+    out = []
+    for line in Path(metrics_path).read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append((line, record))
+    return out
+
+
+def finished(out_dir: Path, max_steps: int) -> bool:
+    """The run in out_dir finished: summary.json (written last) parses and counts max_steps."""
+    try:
+        summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == max_steps and \
+        (Path(out_dir) / "adapter_model.safetensors").is_file()
 
 
 # ---- rotation ------------------------------------------------------------------------------------
@@ -172,8 +272,10 @@ def recover(out_dir: Path) -> Path | None:
     """Repair whatever a kill left (module docstring); the checkpoint to resume from, or None."""
     out_dir = Path(out_dir)
     for tmp in out_dir.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
     ckpt, old = out_dir / CKPT, out_dir / OLD
+    for p in (ckpt, old):
+        check_target(p, out_dir)  # claim_run_dir refused links; one planted since is never followed
     if ckpt.is_dir() and not is_complete(ckpt) and is_complete(old):
         shutil.rmtree(ckpt)
     if not ckpt.exists() and is_complete(old):
@@ -186,6 +288,8 @@ def recover(out_dir: Path) -> Path | None:
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save(out_dir: Path, tensors: dict, meta: dict, write_adapter=None) -> Path:
@@ -204,7 +308,7 @@ def save(out_dir: Path, tensors: dict, meta: dict, write_adapter=None) -> Path:
         _write_bytes(tmp / STATE_TENSORS, blob)
         meta = {**meta, "format": FORMAT, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
         _write_bytes(tmp / STATE_JSON, json.dumps(meta, allow_nan=True).encode())  # last: complete
-        if old.exists():  # left by an earlier kill; checkpoint/ is complete here (recover ran)
+        if old.exists() or old.is_symlink():  # left by an earlier kill; checkpoint/ is complete here (recover ran)
             shutil.rmtree(old)
         if ckpt.exists():
             os.replace(ckpt, old)
@@ -235,6 +339,8 @@ def load(ckpt: Path) -> tuple[dict, dict]:
         blob = (ckpt / STATE_TENSORS).read_bytes()
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read the checkpoint in {ckpt}: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt / STATE_JSON} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt / STATE_JSON} has format {meta.get('format')!r}, expected {FORMAT}")
     if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
@@ -341,15 +447,44 @@ def save_training_state(out_dir: Path, model, lora: dict, optim: dict, rng: list
     rng_json, rng_tensors = pack_rng(rng)
     optim_json, optim_tensors = pack_optimizer(optim)
     adapter = adapter_state(lora)
-    return save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
+    ckpt = save(out_dir, {**{f"model/{k}": v for k, v in lora.items()}, **optim_tensors, **rng_tensors},
                 {**meta, "rng": rng_json, "optimizer": optim_json},
                 write_adapter=lambda d: model.save_pretrained(d, state_dict=adapter))
+    try:  # the marker remembers: a later missing checkpoint/ is refused, not silently restarted
+        record_files(out_dir, [], checkpointed=True)
+    except OSError as err:
+        raise CheckpointError(f"could not update {Path(out_dir) / RUN_MARKER}: {err.strerror or err}") from err
+    return ckpt
 
 
-def load_training_state(ckpt: Path, objective, optimizer, trainable_names, rank: int, world_size: int):
-    """Load a checkpoint into `objective` and `optimizer`; (meta, this rank's RNG states).
-    CheckpointError (or KeyError / ValueError / RuntimeError) when it does not fit."""
+def resume_training(ckpt: Path, objective, optimizer, trainable_names, rank: int, world_size: int,
+                    with_cuda: bool, max_steps: int, steps_per_epoch: int, metrics_path: Path) -> dict:
+    """calft.train's --resume: load_training_state, then this rank's RNG states; rank 0 says where it
+    resumes (and warns when the thread count changed). The checkpoint's meta; CheckpointError when
+    anything in it does not fit (nothing restored then is used: the run exits)."""
+    try:
+        state, rng = load_training_state(ckpt, objective, optimizer, trainable_names, rank, world_size,
+                                         max_steps=max_steps, steps_per_epoch=steps_per_epoch, metrics_path=metrics_path)
+        set_rng_states(rng, with_cuda)
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError) as err:
+        raise CheckpointError(f"{type(err).__name__}: {err}") from err
+    if rank == 0:
+        print(f"resumed from {ckpt} at step {state['step']} (epoch {state['epoch']}, "
+              f"step {state['step_in_epoch']} of {steps_per_epoch})")
+        if state["threads"] != torch.get_num_threads():
+            print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
+                  f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
+                  "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
+    return state
+
+
+def load_training_state(ckpt: Path, objective, optimizer, trainable_names, rank: int, world_size: int, *,
+                        max_steps: int, steps_per_epoch: int, metrics_path: Path):
+    """Load a checkpoint into `objective` and `optimizer`, once `validate_state` has checked it
+    against this run; (meta, this rank's RNG states). CheckpointError when it does not fit."""
     tensors, state = load(ckpt)
+    validate_state(state, tensors, max_steps=max_steps, steps_per_epoch=steps_per_epoch, metrics_path=metrics_path,
+                   params={n: tuple(p.shape) for n, p in objective.named_parameters() if n in trainable_names})
     lora = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     if set(lora) != trainable_names:
         raise CheckpointError(f"{ckpt} holds {len(lora)} trainable tensors, but "
@@ -360,12 +495,122 @@ def load_training_state(ckpt: Path, objective, optimizer, trainable_names, rank:
     return state, unpack_rng(state["rng"], tensors, rank if state["world_size"] == world_size else 0)
 
 
+def save_outputs(out_dir: Path, model, adapter: dict, tokenizer) -> None:
+    """The final adapter and tokenizer at the top of out_dir: written into a temp folder, listed
+    in the marker, then renamed into place file by file (a user's README.md stays: PEFT writes a
+    model card)."""
+    out_dir = Path(out_dir)
+    with temp_dir(out_dir, "outputs") as tmp:
+        model.save_pretrained(tmp, state_dict=adapter)
+        tokenizer.save_pretrained(tmp)
+        if (out_dir / "README.md").exists() and "README.md" not in recorded_files(out_dir):
+            (tmp / "README.md").unlink(missing_ok=True)
+        record_files(out_dir, [p.name for p in tmp.iterdir()])
+        move_files_into(tmp, out_dir, root=out_dir)
+
+
 def save_snapshot(out_dir: Path, model, adapter: dict, step: int) -> None:
-    """The adapter after `step` in snapshots/step_<step>, written to a temp name and renamed."""
+    """The adapter after `step` in snapshots/step_<step>, written to a temp folder and renamed
+    (never through a link: OSError / UnsafePathError)."""
     record_files(out_dir, ["snapshots"])
-    final = Path(out_dir) / "snapshots" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)
-    shutil.rmtree(final, ignore_errors=True)  # a redone step after --resume replaces its snapshot
-    os.replace(tmp, final)
+    folder = check_target(Path(out_dir) / "snapshots", out_dir)
+    folder.mkdir(exist_ok=True)
+    final = check_target(folder / f"step_{step}", out_dir)
+    with temp_dir(folder, final.name) as tmp:
+        model.save_pretrained(tmp / "new", state_dict=adapter)
+        if final.exists():  # a redone step after --resume replaces its snapshot
+            os.replace(final, tmp / "old")  # deleted with tmp
+        os.replace(tmp / "new", final)
+
+
+# ---- the one validation of a loaded training state ------------------------------------------------
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _words(x, n: int) -> bool:
+    """A list of n integers in [0, 2**32): a Mersenne Twister's state words."""
+    return isinstance(x, list) and len(x) == n and all(_int(w) and 0 <= w < 2**32 for w in x)
+
+
+def validate_state(meta: dict, tensors: dict, *, params: dict, max_steps: int, steps_per_epoch: int,
+                   metrics_path: Path) -> None:
+    """Check a loaded checkpoint against this run before anything is restored: the types and
+    ranges of every state.json value, the RNG states, the optimizer state against the trainable
+    tensors (`params`: name -> shape; AdamW's step count = the state's step), and the state's
+    step and loss against metrics.jsonl. CheckpointError naming the first problem."""
+    def bad(what):
+        raise CheckpointError(f"{STATE_JSON}: {what}")
+
+    step = meta.get("step")
+    if not _int(step) or not 0 <= step <= max_steps:
+        bad(f"step {step!r} is not a whole number in [0, {max_steps}] (this run's steps)")
+    for key, low in (("tokens", 0), ("segments", 1), ("threads", 1), ("world_size", 1), ("epoch", 0),
+                     ("step_in_epoch", 0)):
+        if not _int(meta.get(key)) or meta[key] < low:
+            bad(f"{key} {meta.get(key)!r} is not a whole number >= {low}")
+    if (meta["epoch"], meta["step_in_epoch"]) != divmod(step, steps_per_epoch):
+        bad(f"epoch {meta['epoch']} / step_in_epoch {meta['step_in_epoch']} do not match step {step} "
+            f"({steps_per_epoch} steps per epoch)")
+    if not _num(meta.get("train_time_s")) or not 0 <= meta["train_time_s"] < math.inf:
+        bad(f"train_time_s {meta.get('train_time_s')!r} is not a finite number >= 0")
+    loss = meta.get("loss")
+    if not _num(loss) or (step > 0 and not math.isfinite(loss)):
+        bad(f"loss {loss!r} is not a finite number")
+    rng = meta.get("rng")
+    if not isinstance(rng, list) or len(rng) != meta["world_size"]:
+        bad(f"rng holds {len(rng) if isinstance(rng, list) else rng!r} states for {meta['world_size']} processes")
+    torch_size = torch.get_rng_state().numel()
+    for r, s in enumerate(rng):
+        py, npy = (s.get("python"), s.get("numpy")) if isinstance(s, dict) else (None, None)
+        if not (isinstance(py, list) and len(py) == 3 and py[0] == 3 and _words(py[1], 625) and py[1][-1] <= 624
+                and (py[2] is None or _num(py[2]))):
+            bad(f"rng[{r}].python is not a Python random state (version 3, 625 words in [0, 2**32))")
+        if not (isinstance(npy, list) and len(npy) == 5 and npy[0] == "MT19937" and _words(npy[1], 624)
+                and _int(npy[2]) and 0 <= npy[2] <= 624 and npy[3] in (0, 1) and _num(npy[4])):
+            bad(f"rng[{r}].numpy is not a numpy MT19937 state (624 words in [0, 2**32), position <= 624)")
+        t = tensors.get(f"rng/{r}/torch")
+        if t is None or t.dtype != torch.uint8 or t.shape != (torch_size,):
+            bad(f"the torch RNG state of process {r} is missing or not {torch_size} bytes")
+    optim = meta.get("optimizer")
+    if not (isinstance(optim, dict) and isinstance(optim.get("state"), dict) and isinstance(optim.get("param_groups"), list)
+            and optim["param_groups"] and all(isinstance(g, dict) for g in optim["param_groups"])):
+        bad("optimizer is not an object with a state and param_groups")
+    for g in optim["param_groups"]:
+        betas = g.get("betas")
+        if not (isinstance(betas, list) and len(betas) == 2 and all(_num(b) and 0 <= b < 1 for b in betas)):
+            bad(f"optimizer betas {betas!r} are not two numbers in [0, 1)")
+        for key, low in (("lr", 0), ("eps", 0), ("weight_decay", 0)):
+            if not _num(g.get(key)) or not low <= g[key] < math.inf:
+                bad(f"optimizer {key} {g.get(key)!r} is not a finite number >= {low}")
+        if not isinstance(g.get("params"), list):
+            bad("optimizer param_groups without their params")
+    if step > 0 and set(optim["state"]) != set(params):
+        bad(f"the optimizer state covers {len(optim['state'])} tensors, this model trains {len(params)}")
+    for name, entry in optim["state"].items():
+        if name not in params or not isinstance(entry, dict):
+            bad(f"optimizer state for an unknown tensor {name!r}")
+        for key, value in entry.items():
+            t = tensors.get(value["tensor"]) if isinstance(value, dict) and isinstance(value.get("tensor"), str) else None
+            if key == "step":
+                count = t.item() if t is not None and t.numel() == 1 else value
+                if not _num(count) or count != step:
+                    bad(f"optimizer step count {count!r} of {name} differs from step {step}")
+            elif key in ("exp_avg", "exp_avg_sq"):
+                if t is None or tuple(t.shape) != tuple(params[name]) or not torch.isfinite(t).all() or \
+                        (key == "exp_avg_sq" and (t < 0).any()):
+                    bad(f"optimizer {key} of {name} is missing, of another shape or not finite")
+    for name, shape in params.items():
+        t = tensors.get(f"model/{name}")
+        if t is None or tuple(t.shape) != tuple(shape) or not torch.isfinite(t).all():
+            bad(f"weight {name} is missing, of another shape or not finite")
+    if step > 0:
+        logged = {r["step"]: r.get("loss") for _, r in _metric_lines(metrics_path)} if Path(metrics_path).is_file() else {}
+        if step not in logged:
+            bad(f"step {step} is not in {metrics_path.name} (its checkpoint is always logged there first)")
+        if logged[step] != loss:
+            bad(f"the loss of step {step} is {loss!r}, but {metrics_path.name} logged {logged[step]!r}")

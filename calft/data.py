@@ -32,14 +32,15 @@ import numpy as np
 
 import calft
 from calft.fast_tokenization import answers_in_context, append_terminator, encode_prompts
-from calft.fileio import atomic_write, file_lock
+from calft.fileio import atomic_write, file_lock, remove_temps
 from calft.prompts import answer_format, prompt_text, reasoning_effort, render_chat, terminator_ids
 from calft.splits import PromptSpec, get_split
 from calft.support import Support, build_support
 from calft.tokenization import fast_backend, memo_per_tokenizer
 from calft.trie import Trie, build_tries_arrays, split_tries
 
-CACHE_FORMAT = 3  # bump when the file layout changes (2: sha256 digest in the metadata; 3: terminator)
+CACHE_FORMAT = 4  # bump when the file layout changes (2: sha256 digest in the metadata; 3: terminator;
+# 4: the digest covers the metadata and the array layout too)
 _SOURCES = ("families.py", "support.py", "prompts.py", "tokenization.py", "fast_tokenization.py", "trie.py", "data.py")
 
 
@@ -194,6 +195,7 @@ def prepare_prompts(tokenizer, specs: Sequence[PromptSpec], settings: DataSettin
         prepared = _try_load(path, specs, vocab_size, warn=True)
         if prepared is not None:
             return prepared
+        remove_temps(folder, path.name)  # a killed builder's temp file (we hold the key's lock)
         arrays = _build(tokenizer, specs, settings, progress=progress, full_check=full_check)
         _save_atomic(path, arrays)
     return _unpack(arrays, specs)
@@ -313,13 +315,22 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         header[k] = {"dtype": _CODES[arrays[k].dtype.str], "shape": list(arrays[k].shape),
                      "data_offsets": [pos, pos + arrays[k].nbytes]}
         pos += arrays[k].nbytes
-    header["__metadata__"] = {"calft": meta, "sha256": _digest(memoryview(arrays[k]).cast("B") for k in names)}
+    header["__metadata__"] = {"calft": meta, "sha256": _digest(_covered(header, meta, (
+        memoryview(arrays[k]).cast("B") for k in names)))}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_write(path) as f:
+    with atomic_write(path) as f:  # temp file, fsync, rename
         f.write(len(blob).to_bytes(8, "little") + blob)
         for k in names:
             f.write(memoryview(arrays[k]).cast("B"))
+
+
+def _covered(header: dict, meta: str, data_chunks):
+    """What the digest covers: the metadata (supports' bounds, tail mass, parameters, terminator),
+    every array's dtype / shape / offsets, then the array bytes."""
+    layout = {k: v for k, v in header.items() if k != "__metadata__"}
+    yield json.dumps([meta, layout], sort_keys=True).encode()
+    yield from data_chunks
 
 
 def _digest(chunks) -> str:
@@ -345,7 +356,7 @@ def _load(path: Path, specs, vocab_size: int | None = None) -> list[PreparedProm
         total = max(total, end)
     if len(buf) != 8 + size + total:
         raise ValueError(f"{path} has {len(buf)} bytes, its header describes {8 + size + total}")
-    if _digest([memoryview(buf)[8 + size:]]) != meta.get("sha256"):
+    if _digest(_covered(header, meta.get("calft", ""), [memoryview(buf)[8 + size:]])) != meta.get("sha256"):
         raise ValueError(f"{path} does not match its sha256 digest (altered or damaged)")
     for k in ("prompt_tokens", "answer_tokens", "trie_token_ids"):
         a = arrays[k]

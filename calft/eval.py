@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -45,12 +46,14 @@ from calft.precision import PRECISIONS, autocast_dtype  # noqa: E402
 from calft.precision import describe as describe_precision  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
+from calft.fileio import describe_os_error, format_bytes, machine_memory, write_atomic  # noqa: E402
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort  # noqa: E402
 from calft.plots import plot_overview, plot_prompt, plot_tracking  # noqa: E402
 from calft.report import format_split_summary, json_safe, write_csv, write_report  # noqa: E402
 from calft.scoring import SUMMARY_METRICS, evaluate_models  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
+from calft.support import MAX_BINS, MAX_DECIMALS  # noqa: E402
 from calft.tracking import missed_targets  # noqa: E402
 
 METRIC_CHOICES = ("exact", "sampling", "all")
@@ -115,8 +118,16 @@ def parse_config(argv=None) -> EvalConfig:
 
 
 def resolve_device(name: str) -> str:
+    """cpu, cuda, cuda:N or auto; ValueError for anything else or a GPU this machine lacks."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if not match:
+        raise ValueError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA GPU: use --device cpu or auto")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -135,6 +146,35 @@ def check_args(args) -> None:
     """Everything that can be checked before any model runs (ValueError with a clear message)."""
     for fam in comma_list(args.families):
         get_family(fam)  # a typo -> ValueError naming the closest family
+    unknown = sorted(set(comma_list(args.benchmarks)) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown --benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
+    if not comma_list(args.eval_split):
+        raise ValueError(f"--eval-split {args.eval_split!r} names no split; known: {', '.join(SPLITS)}")
+    for split in comma_list(args.eval_split):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    for flag, value, low in (("--eval-samples", args.eval_samples, 1), ("--eval-bins", args.eval_bins, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--chunk-size", args.chunk_size, 1), ("--mcq-questions", args.mcq_questions, 1),
+                             ("--open-ended-samples", args.open_ended_samples, 1), ("--threads", args.threads, 0),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--eval-prompts-per-family", args.eval_prompts_per_family),
+                        ("--open-ended-prompts", args.open_ended_prompts)):
+        if value < 1 and value != -1:
+            raise ValueError(f"{flag} must be >= 1, or -1 (the sentinel), got {value}")
+    if not 0 <= args.eval_decimals <= MAX_DECIMALS or args.eval_bins > MAX_BINS:
+        raise ValueError(f"need 0 <= --eval-decimals <= {MAX_DECIMALS} and --eval-bins <= {MAX_BINS:,}")
+    resolve_device(args.device)
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir {args.cache_dir} is a file, not a directory")
+    if args.metrics in ("sampling", "all"):  # the answers of one prompt are held at once
+        need, have = args.eval_samples * (args.max_new_tokens + 8) * 8, machine_memory()
+        if need > have:
+            raise ValueError(f"--eval-samples {args.eval_samples} needs about {format_bytes(need)} of memory per "
+                             f"prompt, more than this machine's {format_bytes(have)}")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output-dir {out_dir} is a file, not a directory")
@@ -142,6 +182,11 @@ def check_args(args) -> None:
         raise ValueError(f"--output-dir {out_dir} holds a training run or an adapter "
                          f"({RUN_MARKER} / adapter_config.json); its summary.json would be overwritten: "
                          "choose another --output-dir")
+    model_files = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+                               "model.safetensors.index.json", "pytorch_model.bin") if (out_dir / n).exists()]
+    if model_files:
+        raise ValueError(f"--output-dir {out_dir} holds a model ({', '.join(model_files)}): choose another "
+                         "--output-dir")
 
 
 def check_adapters(args, labels) -> None:
@@ -156,7 +201,8 @@ def check_adapters(args, labels) -> None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with quiet_peft():
-                    PeftModel.from_pretrained(base, adapter)
+                    loaded = PeftModel.from_pretrained(base, adapter)
+            check_adapter_fits(loaded, adapter, args.model)
             for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
                 text = str(w.message)
                 if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
@@ -168,6 +214,33 @@ def check_adapters(args, labels) -> None:
         if trained is not None and trained != args.eval_decimals:
             print(f"calft.eval: warning: adapter {adapter} was trained with {trained} decimals but is "
                   f"scored at --eval-decimals {args.eval_decimals}", file=sys.stderr, flush=True)
+
+
+def check_adapter_fits(model, adapter: str, base_name: str) -> None:
+    """PEFT keeps the adapter tensors that have a place in the model and drops the rest without a
+    word (an adapter of a deeper model loads on a shallower one): every tensor of the adapter file
+    must fit, with its shape (ValueError). A different base model name is a warning (a copy of the
+    same model may sit elsewhere)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    path = Path(adapter) / "adapter_model.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+        shapes = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+        if extra or missing or shapes:
+            what = [f"{len(extra)} tensors with no place in the model (e.g. {extra[0]})" if extra else "",
+                    f"{len(missing)} of the model's adapter tensors missing (e.g. {missing[0]})" if missing else "",
+                    f"{len(shapes)} of another shape (e.g. {shapes[0]}: {saved[shapes[0]]} vs "
+                    f"{expected[shapes[0]]})" if shapes else ""]
+            raise ValueError(f"it was not trained on this base model: {'; '.join(w for w in what if w)}")
+    trained_on = getattr(model.peft_config.get("default"), "base_model_name_or_path", None)
+    if trained_on and str(trained_on) != str(base_name) and Path(str(trained_on)).resolve() != Path(str(base_name)).resolve():
+        print(f"calft.eval: warning: adapter {adapter} was trained on {trained_on}, scored on {base_name}",
+              file=sys.stderr, flush=True)
 
 
 def adapter_num_decimals(adapter: str) -> int | None:
@@ -229,14 +302,9 @@ def main(argv=None) -> dict:
         return cli(argv)
     args = parse_config(argv)
     bench_names = comma_list(args.benchmarks)
-    unknown = sorted(set(bench_names) - set(BENCHMARKS))
-    if unknown:
-        raise SystemExit(f"unknown --benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
-    if args.eval_samples <= 0 or args.eval_bins <= 0 or args.eval_decimals < 0:
-        raise SystemExit("--eval-samples and --eval-bins must be positive, --eval-decimals >= 0")
+    check_args(args)  # every flag before anything is loaded or written
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    check_args(args)
     labels = model_labels(args)  # checks the adapter dirs before any slow work
     set_reasoning_effort(args.reasoning_effort)
     tokenizer = load_tokenizer(args.model)
@@ -297,7 +365,7 @@ def main(argv=None) -> dict:
                "tracking": tracking,
                "benchmarks": benchmarks, "seconds": {f"{m}/{s}": t for (m, s), t in timings.items()},
                "metrics_order": [m for m in SUMMARY_METRICS]}
-    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
+    write_atomic(out_dir / "summary.json", json.dumps(json_safe(summary), indent=1))
     write_report(out_dir / "report.md", args, summaries, tracking, benchmarks,
                  {"overview": overview, "tracking": tracking_plots}, timings)
     if progress:
@@ -316,5 +384,9 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as err:  # bad settings: a one-line message, not a traceback
-        raise SystemExit(f"calft.eval: error: {err}") from None
+    except ValueError as err:  # bad settings: a one-line message, not a traceback; 2 = misuse
+        print(f"calft.eval: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as err:  # a full disk or an unwritable --output-dir
+        print(f"calft.eval: error: cannot write the results: {describe_os_error(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -140,6 +140,9 @@ class Family:
                 x = math.inf if raw > 0 else -math.inf
             if not math.isfinite(x):
                 raise ValueError(f"{self.id}: parameter {p.name!r} must be finite ({p.describe()}), got {raw!r}")
+            if abs(x) > 2.0**53:  # the prompt would print a 300-digit number no support can discretize
+                raise ValueError(f"{self.id}: parameter {p.name!r}={raw!r} is beyond 2**53 in magnitude "
+                                 f"({p.describe()}): no exact decimal grid holds it")
             if p.integer:
                 if not x.is_integer():  # 2.5 trials is a typo, not a count to round silently
                     raise ValueError(

@@ -9,6 +9,7 @@ checkpoint (safetensors + tokenizer files) under the calft cache, so later loads
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -58,27 +59,56 @@ def _embedded_gguf_dir() -> Path:
     return folder
 
 
-COMPLETE = "calft_complete.json"  # written last into a finished conversion: {file name: size}
+COMPLETE = "calft_complete.json"  # written last into a finished conversion: size and sha256 per file
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damage(target: Path) -> str | None:
+    """Why the conversion in `target` cannot be used (None: it can): no completion marker, or a
+    file whose size or sha256 differs from the marker's (~1 s for the 540 MB of SmolLM2: a flipped
+    byte in a header renames a tensor without changing the size, and would load silently)."""
+    try:
+        marker = json.loads((target / COMPLETE).read_text())
+        if isinstance(marker, dict) and "sha256" not in marker:
+            return "its completion marker, from an older calft, has no sha256 digests"
+        sizes, digests = marker["sizes"], marker["sha256"]
+        if not sizes or set(sizes) != set(digests):
+            return "its completion marker lists no files"
+        for name, size in sizes.items():
+            if (target / name).stat().st_size != size:
+                return f"{name} has {(target / name).stat().st_size} bytes, not {size}"
+            if _sha256(target / name) != digests[name]:
+                return f"{name} does not match its sha256 digest"
+    except FileNotFoundError as err:
+        return f"{Path(err.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its completion marker is unreadable ({type(err).__name__})"
+    return None
 
 
 def _is_complete(target: Path) -> bool:
-    """A finished conversion: its marker exists and every file it lists has the recorded size
-    (a truncated or partly deleted copy fails this and is rebuilt)."""
-    try:
-        sizes = json.loads((target / COMPLETE).read_text())["sizes"]
-        return bool(sizes) and all((target / n).stat().st_size == size for n, size in sizes.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    return _damage(target) is None
 
 
 def _embedded_checkpoint(rebuild: bool = False) -> Path:
-    """The embedded model as a plain HF checkpoint directory, converted from GGUF on first use.
+    """The embedded model as a plain HF checkpoint directory, converted from GGUF on first use and
+    verified (sizes and sha256 of every file) on every use.
 
     Several processes may start on a cold cache at once: the conversion holds a file lock, the
-    result is written to a temp dir and renamed into place, and a finished copy (COMPLETE marker)
-    is never deleted, except with rebuild=True after it failed to load."""
+    result is written to a temp dir and renamed into place, and a copy that verifies is never
+    rebuilt. A damaged copy is converted again, once, under the lock, with a warning: who waited
+    on the lock re-verifies and uses the copy rebuilt meanwhile. rebuild=True (the copy verified
+    but failed to load) rebuilds unless the copy changed since it was read."""
     target = cache_root() / "models" / DEFAULT_MODEL
     lock = target.parent / f".{DEFAULT_MODEL}.lock"
+    seen = _marker_text(target)
     if not rebuild and _is_complete(target):
         if any(target.parent.glob(".tmp-*")):  # left by a killed conversion: remove when no one converts
             with file_lock(lock, blocking=False) as free:
@@ -86,15 +116,25 @@ def _embedded_checkpoint(rebuild: bool = False) -> Path:
                     shutil.rmtree(stale, ignore_errors=True)
         return target
     with file_lock(lock):
-        if _is_complete(target) and not rebuild:
+        if rebuild and _marker_text(target) != seen and _is_complete(target):
+            return target  # another process rebuilt it while we waited
+        why = None if rebuild else _damage(target)
+        if why is None and not rebuild:
             return target  # another process converted it while we waited
-        if not rebuild and _safetensors_whole(target / "model.safetensors") and (target / "config.json").is_file():
-            _write_marker(target)  # a finished copy from a calft without markers: adopt it
-            return target
         for stale in target.parent.glob(".tmp-*"):  # left by a killed conversion (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            warnings.warn(f"the cached conversion of {DEFAULT_MODEL} in {target} is damaged "
+                          f"({why or 'it failed to load'}); converting it again")
         _convert_embedded(target)
     return target
+
+
+def _marker_text(target: Path) -> str | None:
+    try:
+        return (target / COMPLETE).read_text()
+    except OSError:
+        return None
 
 
 def _safetensors_whole(path: Path) -> bool:
@@ -110,8 +150,9 @@ def _safetensors_whole(path: Path) -> bool:
 
 
 def _write_marker(folder: Path) -> None:
-    sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name != COMPLETE}
-    write_atomic(folder / COMPLETE, json.dumps({"sizes": sizes}, indent=1))
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != COMPLETE)
+    write_atomic(folder / COMPLETE, json.dumps({"sizes": {f.name: f.stat().st_size for f in files},
+                                                "sha256": {f.name: _sha256(f) for f in files}}, indent=1))
 
 
 def _load_gguf():
@@ -199,6 +240,70 @@ def _retry_embedded(name, path, load, **kwargs):
         return load(str(_embedded_checkpoint(rebuild=True)), **kwargs)
 
 
+def lora_plan(model_name_or_path: str, target_modules=DEFAULT_LORA_TARGETS, r: int = 16) -> tuple[int, int]:
+    """(parameters of the model, parameters LoRA of rank r adds) without loading or allocating
+    anything: the model is laid out from its config on the meta device. ValueError for target
+    names the model lacks, and for the output head (calft's loss reads its weight directly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # transformers raises OSError/ValueError/KeyError variously
+        raise _load_error(path, err) from err
+    targets = _check_targets(model, target_modules)
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    chosen = [m for n, m in linears if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets]
+    return sum(p.numel() for p in model.parameters()), sum(r * (m.in_features + m.out_features) for m in chosen)
+
+
+def check_training_memory(model_name_or_path: str, target_modules, r: int, items_per_epoch: int, *,
+                          on_gpu: bool) -> None:
+    """Refuse (ValueError, with the numbers) a LoRA run whose model, LoRA state (weights,
+    gradients, two AdamW moments) and epoch plan cannot fit in this machine's memory, before
+    anything is allocated; checks the targets on the way (lora_plan)."""
+    from calft.fileio import format_bytes, machine_memory
+
+    base, lora = lora_plan(model_name_or_path, target_modules, r)
+    parts = {"the model": base * (2 if on_gpu else 4), "LoRA weights, gradients and AdamW moments": lora * 4 * 4,
+             "the epoch's plan": items_per_epoch * 2 * 8 * 2}
+    need, have = sum(parts.values()), machine_memory()
+    if need > have:
+        raise ValueError(f"this run needs at least {format_bytes(need)} of memory ("
+                         + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v > have / 100)
+                         + f"), more than this machine's {format_bytes(have)}: lower --lora-r, "
+                         "--samples-per-prompt or the number of prompts")
+
+
+def _check_targets(model, target_modules):
+    """The LoRA targets ("all-linear" or a list of module names) after checking them on `model`."""
+    if isinstance(target_modules, str):  # "all-linear" or a comma-separated list (the CLI's flag)
+        target_modules = "all-linear" if target_modules.strip() == "all-linear" else \
+            [t.strip() for t in target_modules.split(",") if t.strip()]
+    targets = target_modules if target_modules == "all-linear" else list(target_modules)
+    if targets == "all-linear":
+        return targets
+    if not targets:
+        raise ValueError("no LoRA target modules given: name some (e.g. q_proj,v_proj) or use all-linear")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(
+            f"LoRA target modules {missing} not found in {type(model).__name__}; "
+            f"linear layer names in this model include {sorted(n for n in names if n.endswith('proj'))}"
+        )
+    head = model.get_output_embeddings()
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head}
+    if head_names & set(targets):
+        raise ValueError(f"LoRA on the output head ({sorted(head_names & set(targets))[0]}) would never be "
+                         "trained: calft's loss reads the head's weight directly (fused LM head + KL); "
+                         "adapt the decoder's layers (e.g. q_proj,v_proj or all-linear)")
+    return targets
+
+
 def load_tokenizer(model_name_or_path: str = DEFAULT_MODEL):
     """Load a tokenizer; require an EOS token (answers end with EOS) and set pad = EOS if missing."""
     from transformers import AutoTokenizer
@@ -254,16 +359,7 @@ def add_lora(
         raise ValueError(f"LoRA rank must be positive, got r={r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [target_modules]
-    targets = target_modules if target_modules == "all-linear" else list(target_modules)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [] if targets == "all-linear" else [t for t in targets if t not in names]
-    if missing:
-        raise ValueError(
-            f"LoRA target modules {missing} not found in {type(model).__name__}; "
-            f"linear layer names in this model include {sorted(n for n in names if n.endswith('proj'))}"
-        )
+    targets = _check_targets(model, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     with quiet_peft():
         peft_model = get_peft_model(model, config)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+
+from calft.fileio import write_atomic  # noqa: E402
 
 MAX_GROUPS = 120  # grouped bins per prompt plot: ~1 per 5 px at the default width
 LOG_SCALE_RATIO = 30.0  # overview bars switch to a log axis when values span more than this
@@ -27,9 +30,10 @@ def _save(fig, path, rect=None) -> Path:
     """Lay out (within `rect` of the figure, if given), write `fig` to `path` (parents created), free it."""
     fig.tight_layout(rect=rect)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    write_atomic(path, buf.getvalue())  # never a half-written figure, never through a link
     return path
 
 def group_bins(x: np.ndarray, probs_list, max_groups: int = MAX_GROUPS):

@@ -5,12 +5,14 @@ report / CSV / JSON writers of calft.eval.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from calft.fileio import write_atomic
 from calft.plots import plot_tracking
 from calft.scoring import SUMMARY_METRICS
 from calft.tracking import SUMMARY_KEYS, missed_targets
@@ -89,11 +91,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     keys = ["split", "model", "family_id", "params"]
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+    write_atomic(path, f.getvalue())
 
 
 def json_safe(x):
@@ -154,7 +157,7 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
         lines += ["## Other benchmarks", "", markdown_table(["model", "benchmark", "metric", "value"], rows), ""]
     lines += ["## Timing", "", markdown_table(["model", "split", "seconds"],
                                               [[m, s, f"{t:.1f}"] for (m, s), t in timings.items()])]
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_training_eval(out_dir: Path, scored: dict, prompts: dict, num_decimals: int, max_bins: int, *,
@@ -180,8 +183,8 @@ def write_training_eval(out_dir: Path, scored: dict, prompts: dict, num_decimals
                           "finetuned_tracking": tracking["fine-tuned"], "base_rows": base_rows,
                           "finetuned_rows": tuned_rows, "missed": misses}
         record([f"eval_table_{split}.md"])
-        (out_dir / f"eval_table_{split}.md").write_text(text.lstrip("\n") + "\n")
+        write_atomic(out_dir / f"eval_table_{split}.md", text.lstrip("\n") + "\n", root=out_dir)
     record(["eval.json"])
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"num_decimals": num_decimals, "max_bins": max_bins, "splits": results}, indent=2, default=float))
+    write_atomic(out_dir / "eval.json", json.dumps(
+        {"num_decimals": num_decimals, "max_bins": max_bins, "splits": results}, indent=2, default=float), root=out_dir)
     return results

@@ -60,6 +60,7 @@ from calft.families import LightFrozen, get_family
 
 TAIL_POLICIES = ("clip_to_edge_bin", "renormalize")
 MAX_DECIMALS = 15  # beyond this 10^d * x cannot hold the exact integer k in float64
+MAX_BINS = 1 << 24  # support strings per prompt: ~100 bytes each as Python strings, 1.6 GB at this cap
 
 
 @dataclass
@@ -115,6 +116,9 @@ def _check_settings(num_decimals, max_bins, quantile_low, quantile_high, tail_po
         raise ValueError(f"num_decimals must be an integer in [0, {MAX_DECIMALS}], got {num_decimals!r}")
     if not is_int(max_bins) or max_bins < 1:
         raise ValueError(f"max_bins must be an integer >= 1, got {max_bins!r}")
+    if max_bins > MAX_BINS:
+        raise ValueError(f"max_bins={max_bins} is too many: a support of that many strings needs about "
+                         f"{max_bins * 100 / 2**30:.0f} GB of memory; at most {MAX_BINS:,}")
     for name, q in (("quantile_low", quantile_low), ("quantile_high", quantile_high)):
         if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < float(q) < 1.0:
             raise ValueError(f"{name} must be a number in (0, 1), got {q!r}")

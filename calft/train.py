@@ -44,19 +44,20 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from calft import checkpoint  # noqa: E402
+from calft import checkpoint, fileio  # noqa: E402
 from calft.batching import (build_batch, build_tree_batch, epoch_plan, global_num_positions,  # noqa: E402
                             micro_batches, step_items, steps_per_epoch)
 from calft.cli import add_flags, comma_list, knob  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
-from calft.models import DEFAULT_MODEL, add_lora, check_model_files, decoder, load_model, load_tokenizer  # noqa: E402
+from calft.models import (DEFAULT_MODEL, add_lora, check_model_files, check_training_memory,  # noqa: E402
+                          decoder, load_model, load_tokenizer)
 from calft.precision import PRECISIONS, autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.report import write_training_eval  # noqa: E402
 from calft.scoring import evaluate_models, without_adapter  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
-from calft.support import MAX_DECIMALS  # noqa: E402
+from calft.support import MAX_BINS, MAX_DECIMALS  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
 
 
@@ -203,9 +204,10 @@ def check_config(cfg: TrainConfig) -> None:
     def flag(key):
         return "--" + key.replace("_", "-")
 
-    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins", "eval_bins"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{flag(key)} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins",
+                "eval_bins"):
+        if not 1 <= getattr(cfg, key) <= (MAX_BINS if key.endswith("bins") else math.inf):
+            raise ValueError(f"{flag(key)} must be >= 1{' and <= %d' % MAX_BINS if 'bins' in key else ''}, got {getattr(cfg, key)}")
     for key in ("max_steps", "stop_at_step", "max_prompts_per_family", "eval_prompts_per_family"):
         if getattr(cfg, key) < 1 and getattr(cfg, key) != -1:
             raise ValueError(f"{flag(key)} must be >= 1, or -1 (the sentinel), got {getattr(cfg, key)}")
@@ -253,7 +255,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--output-dir {out} is a file, not a directory")
 
 
-try:
+def disk_fault(what):  # a full disk or a link where calft writes: one line, exit 1; --resume continues
+    return fileio.write_errors(lambda why: fail(f"could not write {what} ({why}); nothing written before is "
+                                                "lost: free space and continue with --resume", 1))
+
+
+try:  # every flag, the split and the model's layout before anything is written (exit 2, no run dir)
     families = comma_list(cfg.families) or None
     for fam in families or ():
         if get_family(fam).held_out and cfg.train_split == "train":
@@ -262,8 +269,16 @@ try:
     set_reasoning_effort(cfg.reasoning_effort)  # before any prompt is rendered
     tokenizer = load_tokenizer(cfg.model)  # bad path / no EOS token -> ValueError here
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
-except ValueError as err:
-    fail(str(err))
+    specs = get_split(cfg.train_split, families=families,
+                      max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
+    tree_batches = cfg.mode == "trie" or cfg.share_prompt  # one tree item per prompt: the batch counts prompts
+    items_per_epoch = len(specs) * (1 if tree_batches else cfg.samples_per_prompt)
+    spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+    check_training_memory(cfg.model, cfg.lora_targets, cfg.lora_r, items_per_epoch,  # LoRA targets too
+                          on_gpu=cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
+except (ValueError, OSError) as err:  # OSError: the embedded model's first conversion on a full disk
+    fail(fileio.describe_error(err), 1 + isinstance(err, ValueError))
 
 distributed = "RANK" in os.environ
 if cfg.fsdp and not distributed:
@@ -292,11 +307,13 @@ autocast_dtype = precision_dtype(device.type, cfg.precision)  # bf16 where nativ
 out_dir = Path(cfg.output_dir)
 ckpt_dir = out_dir / checkpoint.CKPT
 metrics_path = out_dir / "metrics.jsonl"
+claimed = None  # "new", "resume" or "finished" (rank 0)
 if master:
     try:
-        checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume, overwrite=cfg.overwrite)
-    except checkpoint.RunDirError as err:
-        fail(str(err))
+        claimed = checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume,
+                                           overwrite=cfg.overwrite, max_steps=max_steps)
+    except (checkpoint.RunDirError, OSError) as err:  # OSError: the marker or config.json on a full disk
+        fail(fileio.describe_error(err), 1 + isinstance(err, ValueError))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}; "
           f"{describe_precision(device.type, autocast_dtype)}")
@@ -310,28 +327,15 @@ torch.manual_seed(cfg.seed)
 # ------------------------------------------------------------------------------------------------
 # data: prompts -> supports -> tries (cached on disk by calft.data); rank 0 fills the cache first
 
-try:
-    specs = get_split(cfg.train_split, families=families,
-                      max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
-except ValueError as err:
-    fail(str(err))
 settings = DataSettings(num_decimals=cfg.num_decimals, max_bins=cfg.max_bins)
 for turn in (0, 1) if distributed else (0,):
     if (turn == 0) == master:
-        prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
+        with disk_fault("the prepared-data cache"):  # its temp file is removed
+            prompts = prepare_prompts(tokenizer, specs, settings, progress=master and cfg.progress)
     if distributed:
         dist.barrier()
 # the answer's terminator comes from the chat template (Gemma: <end_of_turn>, not <eos>)
 eos_id, pad_id = terminator_ids(tokenizer), tokenizer.pad_token_id
-# Tree batches (trie mode, soft --share-prompt): one item per prompt per epoch, each one
-# tree-attention forward of its prompt + nodes (calft.tree); the global batch counts prompts.
-tree_batches = cfg.mode == "trie" or cfg.share_prompt
-items_per_epoch = len(prompts) * (1 if tree_batches else cfg.samples_per_prompt)
-try:
-    spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
-except ValueError as err:
-    fail(str(err))
-max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
 snapshot_steps = {int(x) for x in comma_list(cfg.snapshot_steps)}
 if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set by --epochs
     print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
@@ -352,7 +356,7 @@ if model.config.vocab_size < len(tokenizer):
     fail(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
 try:
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules="all-linear" if cfg.lora_targets.strip() == "all-linear" else comma_list(cfg.lora_targets))
+                     target_modules=cfg.lora_targets)
 except ValueError as err:
     fail(str(err))
 model.train()
@@ -420,31 +424,27 @@ def save_snapshot(step: int):
     """The adapter after `step` in snapshots/step_<step> (collective under FSDP)."""
     adapter = checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names))
     if master:
-        checkpoint.save_snapshot(out_dir, model, adapter, step)
+        with disk_fault(f"the snapshot of step {step}"):
+            checkpoint.save_snapshot(out_dir, model, adapter, step)
 
 
 # resume: step, timings, token count and last loss carry over; the run's segments add up
 step, elapsed_before, tokens_before, segment = 0, 0.0, 0, 1
 last_loss = float("nan")  # of the last step taken (the summary's final_loss)
 t_start = time.time()  # training time of this process; elapsed_before = earlier processes
-if cfg.resume and ckpt_dir.exists():
+if cfg.resume and ckpt_dir.exists():  # validated, restored with the RNG states; prints where it resumed
     try:
-        state, rng = checkpoint.load_training_state(ckpt_dir, objective, optimizer, trainable_names, rank, world_size)
-    except (checkpoint.CheckpointError, KeyError, ValueError, RuntimeError) as err:
+        state = checkpoint.resume_training(ckpt_dir, objective, optimizer, trainable_names, rank, world_size,
+                                           device.type == "cuda", max_steps, spe, metrics_path)
+    except checkpoint.CheckpointError as err:
         fail(f"cannot resume from {ckpt_dir}: {err}. Nothing was changed; pass --overwrite instead of "
              "--resume to start this run over")
-    checkpoint.set_rng_states(rng, device.type == "cuda")
     step, elapsed_before, tokens_before = state["step"], state["train_time_s"], state["tokens"]
     last_loss, segment = state["loss"], state["segments"] + 1
-    if master:
-        print(f"resumed from {ckpt_dir} at step {step} (epoch {state['epoch']}, "
-              f"step {state['step_in_epoch']} of {spe})")
-        if state["threads"] != torch.get_num_threads():
-            print(f"calft.train: warning: the run so far used {state['threads']} CPU threads, this "
-                  f"process {torch.get_num_threads()}: the losses will not be bit-identical to an "
-                  "uninterrupted run (float sums change with the thread count)", file=sys.stderr, flush=True)
-        checkpoint.truncate_metrics(metrics_path, step)  # steps logged after that checkpoint are redone
-elif master:
+    if master and claimed != "finished":
+        with disk_fault(metrics_path):  # steps logged after that checkpoint are redone
+            checkpoint.truncate_metrics(metrics_path, step)
+elif master and claimed != "finished":
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
 
@@ -460,9 +460,9 @@ def end_processes():
         dist.destroy_process_group()
 
 
-if step >= max_steps and (out_dir / "summary.json").is_file():  # --resume of a finished run
+if claimed == "finished" or step >= max_steps and checkpoint.finished(out_dir, max_steps):  # written: nothing
     if master:
-        print(f"{out_dir} already holds the finished run ({step} of {max_steps} steps): nothing to do")
+        print(f"{out_dir} already holds the finished run ({max_steps} steps): nothing to do")
     end_processes()
     sys.exit(0)
 
@@ -550,8 +550,8 @@ while step < max_steps:
         record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                   "elapsed_s": elapsed_before + time.time() - t_start}
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with disk_fault(metrics_path):  # fsynced; --resume redoes the steps after the last checkpoint
+            fileio.append_line(metrics_path, json.dumps(record), root=out_dir)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
         bar.update(1)
     if step in snapshot_steps:  # a plain adapter copy, kept (checkpoints rotate)
@@ -578,10 +578,9 @@ if exit_code or step < max_steps:
 # outputs: adapter + tokenizer at the top of --output-dir, then base vs fine-tuned evaluation
 
 if master:  # the run marker lists every file written here (--overwrite deletes only those)
-    card = [] if (out_dir / "README.md").exists() else ["README.md"]  # PEFT writes a model card
-    checkpoint.record_files(out_dir, ["adapter_config.json", "adapter_model.safetensors", *card])
-    model.save_pretrained(out_dir, state_dict=checkpoint.adapter_state(checkpoint.trainable_state(objective, trainable_names)))
-    checkpoint.record_files(out_dir, [Path(f).name for f in tokenizer.save_pretrained(out_dir)])
+    with disk_fault(f"the adapter and tokenizer in {out_dir}"):
+        checkpoint.save_outputs(out_dir, model, checkpoint.adapter_state(
+            checkpoint.trainable_state(objective, trainable_names)), tokenizer)
 elif cfg.fsdp:
     checkpoint.trainable_state(objective, trainable_names)  # collective: every rank takes part
 # every segment of a resumed run counts: time and tokens come from the checkpoint
@@ -600,21 +599,22 @@ if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft
         members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
         eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
                                max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
-        eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
+        with disk_fault("the prepared-data cache"):
+            eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
     # only the fine-tuned model is sampled (the base answers in prose); exact: base and fine-tuned on --eval-exact-split
     scored = evaluate_models([("base", lambda: without_adapter(model)), ("fine-tuned", lambda: nullcontext(model))],
                              tokenizer, eval_prompts, exact_splits=set(comma_list(cfg.eval_exact_split)),
-                             sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples,
-                             seed=cfg.seed, autocast=(device.type, autocast_dtype) if autocast_dtype else None,
-                             progress=cfg.progress)
-    results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
-                                  num_samples=cfg.eval_samples, record=lambda names: checkpoint.record_files(out_dir, names))
+                             sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples, seed=cfg.seed,
+                             autocast=(device.type, autocast_dtype) if autocast_dtype else None, progress=cfg.progress)
+    with disk_fault(f"the evaluation in {out_dir}"):
+        results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
+                                      num_samples=cfg.eval_samples, record=lambda names: checkpoint.record_files(out_dir, names))
     summary.update(eval_time_s=time.time() - t_eval,
                    eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking", "missed")}
                          for k, v in results.items()})
 if master:
     summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation
-    checkpoint.record_files(out_dir, ["summary.json"])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    with disk_fault(out_dir / "summary.json"):  # last: a valid summary.json marks a finished run
+        checkpoint.write_run_file(out_dir, "summary.json", json.dumps(summary, indent=2, default=float))
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
 end_processes()
