@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calft.models import DEFAULT_MODEL
+from calft.models import DEFAULT_MODEL, quiet_peft
 
 SUITES = ("paper",)
 BENCHMARKS = ("structured", "open_generation", "mcq", "noveltybench", "retention")
@@ -150,7 +150,8 @@ def check_adapter(model_name: str, label: str, path: str) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            PeftModel.from_pretrained(load_model(model_name, device="cpu"), path)
+            with quiet_peft():
+                PeftModel.from_pretrained(load_model(model_name, device="cpu"), path)
         for w in caught:  # PEFT only warns when the adapter's keys do not fit the model
             text = str(w.message)
             if "peft" in str(w.filename) and ("missing adapter keys" in text or "unexpected" in text.lower()):
@@ -175,7 +176,8 @@ def load_row_model(model_name: str, adapter: str | None, device: str):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
 
 
