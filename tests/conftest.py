@@ -49,3 +49,14 @@ def tiny_tokenizer(tiny_model_dir):
     from calft.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model (seeded) and its tokenizer, loaded once per module."""
+    import torch
+
+    from calft.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import naive_samples
+
 from calft.batch_sampling import common_prefix_len, plan_chunks, sample_prompts
 from calft.sampling import draw_tokens, generate_samples, sample_seeds, stop_token_ids
 
@@ -15,32 +17,6 @@ def test_plan_chunks_cover_every_sample_once_in_order():
     assert plan_chunks(3, 5, 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)], [(1, 3, 5), (2, 0, 2)], [(2, 2, 5)]]
     assert plan_chunks(2, 3, 100) == [[(0, 0, 3), (1, 0, 3)]]
     assert common_prefix_len([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from calft.models import load_model, load_tokenizer
-
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-
-
-def _naive(model, prompt_ids, seeds, max_new_tokens, stops, tokenizer):
-    """Oracle: one sample at a time, a full forward over the whole prefix at every step, no cache."""
-    outs = []
-    for ss in seeds:
-        u = np.random.default_rng(ss).random(max_new_tokens)
-        seq, new = list(prompt_ids), []
-        for step in range(max_new_tokens):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([seq])).logits[:, -1]
-            t = int(draw_tokens(logits, u[step: step + 1])[0])
-            if t in stops:
-                break
-            new.append(t)
-            seq.append(t)
-        outs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outs
 
 
 @pytest.mark.parametrize("max_rows", [3, 4, 64])
@@ -59,7 +35,7 @@ def test_batched_sampler_matches_the_naive_oracle(tiny, max_rows):
         stops = stop_token_ids(model, tok)
         got = sample_prompts(model, tok, prompts, 5, seed=2, prompt_keys=["a", "b", "c"], max_rows=max_rows,
                              max_new_tokens=6)
-        ref = [_naive(model, p, sample_seeds(2, k, 5), 6, stops, tok) for p, k in zip(prompts, "abc")]
+        ref = [naive_samples(model, tok, p, sample_seeds(2, k, 5), 6, stops) for p, k in zip(prompts, "abc")]
         one = [generate_samples(model, tok, p, 5, seed=2, prompt_key=k, max_new_tokens=6) for p, k in zip(prompts, "abc")]
     finally:
         model.generation_config.eos_token_id = saved

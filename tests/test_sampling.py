@@ -7,6 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
+from tiny import naive_samples
+
 from calft.families import get_family
 from calft.sampling import (
     chi_square_discrete,
@@ -197,32 +199,6 @@ def test_draw_tokens_inverts_the_cdf():
     assert draw_tokens(logits[:2], np.array([0.1, 0.5]), top_p=0.5).tolist() == [2, 3]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from calft.models import load_model, load_tokenizer
-
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-
-
-def _naive_samples(model, tokenizer, prompt_ids, seeds, max_new_tokens, stops):
-    """Oracle: one sample at a time, full forward over the whole prefix at every step, no cache."""
-    outs = []
-    for ss in seeds:
-        u = np.random.default_rng(ss).random(max_new_tokens)
-        seq, new = list(prompt_ids), []
-        for step in range(max_new_tokens):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([seq])).logits[:, -1]
-            t = int(draw_tokens(logits, u[step : step + 1])[0])
-            if t in stops:
-                break
-            new.append(t)
-            seq.append(t)
-        outs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outs
-
-
 def test_generation_matches_naive_oracle_and_is_batch_invariant(tiny):
     model, tok = tiny
     from calft.prompts import prompt_token_ids
@@ -235,7 +211,7 @@ def test_generation_matches_naive_oracle_and_is_batch_invariant(tiny):
         stops = stop_token_ids(model, tok)
         a = generate_samples(model, tok, prompt, 7, seed=3, prompt_key="k", batch_size=3, max_new_tokens=6)
         b = generate_samples(model, tok, prompt, 7, seed=3, prompt_key="k", batch_size=7, max_new_tokens=6)
-        ref = _naive_samples(model, tok, prompt, sample_seeds(3, "k", 7), 6, stops)
+        ref = naive_samples(model, tok, prompt, sample_seeds(3, "k", 7), 6, stops)
         c = generate_samples(model, tok, prompt, 7, seed=4, prompt_key="k", batch_size=7, max_new_tokens=6)
     finally:
         model.generation_config.eos_token_id = saved

@@ -76,3 +76,27 @@ def make_tiny_model(path: str | Path, *, tie: bool = True, seed: int = 0, hidden
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(path), safe_serialization=True)
     return model, tokenizer
+
+
+def naive_samples(model, tokenizer, prompt_ids, seeds, max_new_tokens, stops):
+    """Sampling oracle: one sample at a time, a full forward over the whole prefix at every step,
+    no cache, each step's uniform from the sample's own seed (calft.sampling's protocol)."""
+    import numpy as np
+    import torch
+
+    from calft.sampling import draw_tokens
+
+    outs = []
+    for ss in seeds:
+        u = np.random.default_rng(ss).random(max_new_tokens)
+        seq, new = list(prompt_ids), []
+        for step in range(max_new_tokens):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq])).logits[:, -1]
+            t = int(draw_tokens(logits, u[step : step + 1])[0])
+            if t in stops:
+                break
+            new.append(t)
+            seq.append(t)
+        outs.append(tokenizer.decode(new, skip_special_tokens=True))
+    return outs
