@@ -60,3 +60,25 @@ def tiny(tiny_model_dir):
 
     torch.manual_seed(0)
     return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def fake_gguf(tiny_model_dir, tmp_path, monkeypatch):
+    """The embedded model's conversion with the tiny model standing in for the GGUF file:
+    (list with one entry per conversion, the converted model's cache folder)."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calft import models
+
+    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def load_gguf():
+        calls.append(1)
+        time.sleep(0.3)  # a window in which a concurrent load would start its own conversion
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    monkeypatch.setattr(models, "_load_gguf", load_gguf)
+    return calls, tmp_path / "cache" / "models" / models.DEFAULT_MODEL

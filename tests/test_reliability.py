@@ -34,7 +34,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     with threads(1):
         run_inline(tiny_args(tiny_model_dir, base / "full"), cache)
         run_inline(tiny_args(tiny_model_dir, base / "stopped", "--stop-at-step", "2"), cache)
-    return {"cache": cache, "full": base / "full", "stopped": base / "stopped"}
+    return {"cache": cache, "full": base / "full", "stopped": base / "stopped", "base": base}
 
 
 def copy_of(runs, name, tmp_path):
@@ -294,25 +294,6 @@ def test_concurrent_data_preparation_builds_once(tiny_tokenizer, tmp_path, monke
 
 
 # ---- the converted default model: locked, marked complete, never deleted when finished ---------------
-
-@pytest.fixture
-def fake_gguf(tiny_model_dir, tmp_path, monkeypatch):
-    """The embedded model's conversion with the tiny model standing in for the GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from calft import models
-
-    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
-    calls = []
-
-    def load_gguf():
-        calls.append(1)
-        time.sleep(0.3)
-        return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-    monkeypatch.setattr(models, "_load_gguf", load_gguf)
-    return calls, tmp_path / "cache" / "models" / models.DEFAULT_MODEL
-
 
 def test_concurrent_model_conversion_converts_once(fake_gguf):
     from calft import models

@@ -17,14 +17,14 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import faults
-from test_train import read_metrics, run_inline, threads, tiny_args
+from test_train import read_metrics, threads, tiny_args
+from test_reliability import runs  # noqa: F401  (the module-scoped full / stopped tiny runs, one definition)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 6 << 30  # address space of the subprocesses whose misuse would allocate 64-128 GB
@@ -101,17 +101,6 @@ def files_of(folder):
 def temp_files(*folders):
     return [str(p) for f in folders for p in Path(f).rglob("*")
             if re.search(r"(^|\.)tmp", p.name) and not p.name.endswith(".lock")]
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    """{"cache", "full" (6 steps), "stopped" (the same run stopped at step 2)} at one thread."""
-    base = tmp_path_factory.mktemp("rel2")
-    cache = base / "cache"
-    with threads(1):
-        run_inline(tiny_args(tiny_model_dir, base / "full"), cache)
-        run_inline(tiny_args(tiny_model_dir, base / "stopped", "--stop-at-step", "2"), cache)
-    return {"cache": cache, "full": base / "full", "stopped": base / "stopped", "base": base}
 
 
 def copy_of(runs, name, tmp_path):
@@ -234,25 +223,17 @@ def test_kill_during_the_data_cache_write_leaves_no_temp_file(kill_sweep):
 
 # ---- 3. a damaged converted model is never used --------------------------------------------------
 @pytest.fixture
-def converted(tiny_model_dir, tmp_path, monkeypatch):
-    """The embedded model's conversion with the tiny model standing in for the GGUF file:
+def converted(fake_gguf, tiny_model_dir):
+    """The embedded model's conversion with the tiny model standing in for the GGUF file, done once:
     (conversion count, cached folder, the tiny model's embedding)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from calft import models
 
-    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
-    calls = []
-
-    def load_gguf():
-        calls.append(1)
-        time.sleep(0.3)
-        return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-    monkeypatch.setattr(models, "_load_gguf", load_gguf)
+    calls, folder = fake_gguf
     models.load_model(models.DEFAULT_MODEL)
     embed = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight.detach().clone()
-    return calls, tmp_path / "cache" / "models" / models.DEFAULT_MODEL, embed
+    return calls, folder, embed
 
 
 def _flip(path, offset):
