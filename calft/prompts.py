@@ -227,16 +227,19 @@ def terminator_ids(tokenizer) -> tuple[int, ...]:
     return ids
 
 
-def render_chat(tokenizer, text: str) -> str:
+def render_chat(tokenizer, text: str, system: str | None = None) -> str:
     """`text` as one user turn in the tokenizer's chat template, ready for the answer.
 
     The generation prompt (thinking disabled, a fixed date: `template_kwargs`) plus the template's
     answer prefix (`answer_format`). Falls back to the plain text when there is no chat template.
+    `system`: a system turn before the user turn (the SSoT baseline, calft/ssot.py); training never
+    uses one.
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return text
-    rendered = _apply(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    rendered = _apply(tokenizer, [*messages, {"role": "user", "content": text}], add_generation_prompt=True)
     return rendered + answer_format(tokenizer).answer_prefix
 
 

@@ -63,14 +63,13 @@ SYSTEM_PROMPTS = {
 
 def ssot_prompt_ids(tokenizer, user_text: str, mode: str) -> list[int]:
     """Token ids of the system prompt of `mode` plus the user turn, chat-rendered for the answer."""
-    from calft.prompts import _apply, answer_format
+    from calft.prompts import render_chat
 
     if mode not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown SSoT mode {mode!r}; known: {', '.join(SYSTEM_PROMPTS)}")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("SSoT needs a chat template with a system turn; this tokenizer has no chat template")
-    messages = [{"role": "system", "content": SYSTEM_PROMPTS[mode]}, {"role": "user", "content": user_text}]
-    rendered = _apply(tokenizer, messages, add_generation_prompt=True) + answer_format(tokenizer).answer_prefix
+    rendered = render_chat(tokenizer, user_text, system=SYSTEM_PROMPTS[mode])
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
