@@ -9,8 +9,9 @@ adapter snapshots, each snapshot scored like the end of `python -m calft.train`.
 Training: the quick recipe on all 1988 training prompts (--max-prompts-per-family -1), with the
 cosine schedule spanning --max-steps, and `--snapshot-steps` saving the adapter along the way. A
 snapshot before the last step is mid-schedule (its learning rate has not decayed), so it is a
-pessimistic stand-in for a run annealed at that length; the default job (92 steps, annealed) is
-the separate point quoted in the README.
+pessimistic stand-in for a run annealed at that length, except the last one, which is the run
+annealed at --max-steps; the default job (`python -m calft.train`, 240 steps on 32 prompts per
+family, annealed) is a separate point (--reference).
 
 Scoring (calft.eval, the same prompts for every model): test_within_range (unseen parameters
 inside the training ranges), --prompts-per-family spread over the parameter grid, 1 decimal,
@@ -34,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 from benchmarks.common import format_table, machine_info  # noqa: E402
 from calft.cli import comma_list  # noqa: E402
-from calft.tracking import TARGETS, missed_targets  # noqa: E402
+from calft.tracking import FAMILY_SLOPE_TARGET, TARGETS, missed_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = "96,160,320,480,640,960"
@@ -135,8 +136,10 @@ def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
 def tuned_row(model: str, step: int, minutes: float, tracking: dict, exact: dict, base_exact: dict) -> dict:
     """One fine-tuned model's row: the curve metrics and the calibration targets it missed."""
     missed = missed_targets(tracking, exact, base_exact)
+    slopes = {f: m.get("sample_location_slope") for f, m in tracking.get("per_family", {}).items()}
+    slow = sorted(f for f, v in slopes.items() if v is not None and v == v and v < FAMILY_SLOPE_TARGET)
     return {"model": model, "step": step, "minutes": minutes, **row_metrics(tracking, exact),
-            "missed": missed, "targets_missed": len(missed)}
+            "families_below_slope": len(slow), "family_slopes": slopes, "missed": missed, "targets_missed": len(missed)}
 
 
 def reference_row(label: str, run_dir: Path) -> dict:
@@ -205,7 +208,8 @@ def main(argv=None) -> dict:
     scored = score(args, snapshots)
     rows = curve_rows(args, snapshots, scored) + [reference_row(label, d) for label, d in args.references]
     columns = [("model", "model", ""), ("minutes", "train min", ".1f")]
-    columns += [(k, h, ".3f") for k, _, h in CURVE_METRICS] + [("targets_missed", "targets missed", "")]
+    columns += [(k, h, ".3f") for k, _, h in CURVE_METRICS]
+    columns += [("families_below_slope", f"families slope < {FAMILY_SLOPE_TARGET}", ""), ("targets_missed", "targets missed", "")]
     print(format_table(rows, columns))
     result = {"benchmark": "calibration_curve", "machine": machine_info("cpu"),
               "run_dir": str(run), "train_config": json.loads((run / "config.json").read_text()),

@@ -40,6 +40,9 @@ def test_curve_rows_match_an_independent_eval(tiny_model_dir, tmp_path, monkeypa
     assert math.isclose(rows[-1]["support_mass"], exact["support_mass"], rel_tol=1e-6)
     assert math.isclose(rows[0]["support_mass"], base_exact["support_mass"], rel_tol=1e-6)
     assert rows[-1]["missed"] == missed_targets(tracking, exact, base_exact)
+    slopes = {f: m["sample_location_slope"] for f, m in tracking["per_family"].items()}
+    assert rows[-1]["family_slopes"] == pytest.approx(slopes, nan_ok=True)
+    assert rows[-1]["families_below_slope"] == sum(v < 0.7 for v in slopes.values())  # NaN: not below
 
 
 def test_reference_runs_are_drawn_from_their_own_evaluation(tiny_model_dir, tmp_path, monkeypatch):
