@@ -163,7 +163,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     panels = [("sample_location_r2", "location R$^2$ (samples)", ">=", 0.9),
               ("sample_sd_within_2x", "sd within 2x (samples)", ">=", 0.75),
-              ("median_sample_ks", "median KS (samples)", "<=", 0.2), ("in_support_rate", "samples in support", ">=", 0.95)]
+              ("median_sample_ks", "median KS (samples)", "<=", 0.2), ("in_support_rate", "samples in support", ">=", 0.95),
+              ("families_below_slope", f"families with sampled slope < {FAMILY_SLOPE_TARGET}", "<=", 0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     curve = [r for r in rows if "reference" not in r]
     for ax, (key, title, _, bound) in zip(axes, panels):

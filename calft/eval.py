@@ -47,7 +47,7 @@ from calft.precision import describe as describe_precision  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
 from calft.families import get_family  # noqa: E402
 from calft.fileio import describe_os_error, format_bytes, machine_memory, write_atomic  # noqa: E402
-from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft  # noqa: E402
+from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft, same_model  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort  # noqa: E402
 from calft.plots import plot_overview, plot_prompt, plot_tracking  # noqa: E402
 from calft.report import format_split_summary, json_safe, write_csv, write_report  # noqa: E402
@@ -238,7 +238,7 @@ def check_adapter_fits(model, adapter: str, base_name: str) -> None:
                     f"{expected[shapes[0]]})" if shapes else ""]
             raise ValueError(f"it was not trained on this base model: {'; '.join(w for w in what if w)}")
     trained_on = getattr(model.peft_config.get("default"), "base_model_name_or_path", None)
-    if trained_on and str(trained_on) != str(base_name) and Path(str(trained_on)).resolve() != Path(str(base_name)).resolve():
+    if trained_on and not same_model(str(trained_on), str(base_name)):
         print(f"calft.eval: warning: adapter {adapter} was trained on {trained_on}, scored on {base_name}",
               file=sys.stderr, flush=True)
 

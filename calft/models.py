@@ -217,6 +217,17 @@ def resolve_model_path(model_name_or_path: str) -> str:
     return name
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names point at the same base model: equal names, or the same directory
+    once the embedded alias is mapped to its cached checkpoint (a calft run records that path)."""
+    def where(name: str) -> str:
+        name = str(name)
+        return str(_embedded_checkpoint()) if name.lower() == DEFAULT_MODEL else name
+    if str(a) == str(b):
+        return True
+    return Path(where(a)).resolve() == Path(where(b)).resolve()
+
+
 def _load_error(name: str, err: Exception) -> ValueError:
     hint = ""
     if not Path(name).exists():

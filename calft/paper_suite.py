@@ -133,14 +133,14 @@ def check_adapter(model_name: str, label: str, path: str) -> None:
 
     from peft import PeftModel
 
-    from calft.models import load_model
+    from calft.models import load_model, same_model
 
     for cfg in (Path(path) / "config.json", Path(path).parent / "config.json"):
         try:
             trained_on = json.loads(cfg.read_text()).get("model")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(trained_on, str) and trained_on != model_name:
+        if isinstance(trained_on, str) and not same_model(trained_on, model_name):
             raise ValueError(f"--adapter {label}={path} was trained on {trained_on!r}, not on --model {model_name!r}")
         break
     from transformers.utils import logging as hf_logging

@@ -285,3 +285,18 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     for k in ("mean_error_sd", "median_ks"):  # one prompt per family: R^2 is undefined (NaN) here
         assert track["adapter"][k] == pytest.approx(track["base"][k], rel=1e-6), k
     assert math.isfinite(by_model["base"]["valid_rate"])
+
+
+def test_same_model_maps_the_embedded_alias_to_its_checkpoint(tmp_path, monkeypatch):
+    """A run records the embedded model's cached path; scoring it under the alias is the same
+    model (no warning in calft.eval, no refusal in the paper suite); another directory is not."""
+    from calft import models
+
+    ckpt = tmp_path / "cache" / "smollm2-135m-instruct"
+    ckpt.mkdir(parents=True)
+    monkeypatch.setattr(models, "_embedded_checkpoint", lambda rebuild=False: ckpt)
+    assert models.same_model(str(ckpt), "smollm2-135m-instruct")
+    assert models.same_model("SmolLM2-135M-Instruct", str(tmp_path / "cache" / "." / "smollm2-135m-instruct"))
+    assert models.same_model("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")
+    assert not models.same_model(str(tmp_path / "other"), "smollm2-135m-instruct")
+    assert not models.same_model("Qwen/Qwen3-0.6B", "smollm2-135m-instruct")
