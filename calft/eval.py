@@ -110,7 +110,10 @@ FLAG_GROUPS = {"model": "models", "eval_split": "prompts and targets", "metrics"
 def parse_config(argv=None) -> EvalConfig:
     """Flags from EvalConfig's fields (calft.cli); unknown flags and bad values exit with status 2."""
     parser = argparse.ArgumentParser(prog="python -m calft.eval", description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS,
+                                     epilog="--suite paper runs the paper's whole evaluation instead (base, SSoT "
+                                            "prompting, each adapter; docs/paper_eval.md): see "
+                                            "python -m calft.eval --suite paper --help")
     add_flags(parser, EvalConfig, FLAG_GROUPS)
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     cfg.adapter = list(cfg.adapter)

@@ -39,6 +39,7 @@ lowers it; it is negative when the model is further from the targets than their 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -156,7 +157,9 @@ def _group_summary(rows: list[dict]) -> dict:
         has_sd = t_sd > 0
         within = np.zeros(len(rows), dtype=bool)
         within[ok] = np.abs(np.log(s_sd[ok] / t_sd[ok])) <= math.log(2)
-        with np.errstate(all="ignore"):
+        # a tiny model may leave every prompt without a valid sample: NaN, said once by the caller, not warned
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             out.update(
                 sample_location_r2=_r2(s_mean[loc], t_mean[loc], fam[loc], t_sd[loc]),
                 sample_location_slope=_slope(s_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),

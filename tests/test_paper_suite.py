@@ -94,6 +94,15 @@ def run_cli(*args, **kwargs):
                           timeout=900, **kwargs)
 
 
+def test_help_finds_the_suite():
+    plain = run_cli("--help")  # a user who never read the docs learns the suite exists
+    assert plain.returncode == 0 and "--suite paper" in " ".join(plain.stdout.split())
+    suite = run_cli("--suite", "paper", "--help")
+    text = " ".join(suite.stdout.split())
+    assert suite.returncode == 0
+    assert all(name in text for name in ("structured", "open_generation", "mcq", "noveltybench", "retention", "--size"))
+
+
 def test_unknown_suite_is_one_line_exit_2():
     proc = run_cli("--suite", "nope")
     assert proc.returncode == 2
