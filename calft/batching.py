@@ -56,15 +56,20 @@ from calft.tree import subtree_sums, tree_layout
 # ------------------------------------------------------------------------------------------------
 # epoch plan: which (prompt, support string) items, in which order
 
+def _family_groups(family_ids: Sequence[str]) -> list[list[int]]:
+    """Indices per family, families in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, fam in enumerate(family_ids):
+        groups.setdefault(fam, []).append(i)
+    return list(groups.values())
+
+
 def balanced_order(family_ids: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     """Indices of ``family_ids`` shuffled within each family, then interleaved round-robin.
 
     Example: families [a, a, a, b, c, c] -> e.g. [a2, b0, c5, a0, c4, a1].
     """
-    groups: dict[str, list[int]] = {}
-    for i, fam in enumerate(family_ids):
-        groups.setdefault(fam, []).append(i)
-    shuffled = [np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))] for idx in groups.values()]
+    shuffled = [np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))] for idx in _family_groups(family_ids)]
     longest = max((len(g) for g in shuffled), default=0)
     order = [g[k] for k in range(longest) for g in shuffled if k < len(g)]
     return np.asarray(order, dtype=np.int64)
@@ -79,23 +84,41 @@ def sample_strings(probs: np.ndarray, num: int, rng: np.random.Generator) -> np.
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
 
 
-def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: int = 1) -> np.ndarray:
-    """The items of one epoch as an int64 array [num_prompts * samples_per_prompt, 2] of
-    (prompt index, support string index), in family-balanced order.
+def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: int = 1,
+               balance_families: bool = False) -> np.ndarray:
+    """The items of one epoch as an int64 array [num_items, 2] of (prompt index, support string
+    index), in family-balanced order; num_items = epoch_size(...) * samples_per_prompt.
 
     Each prompt contributes ``samples_per_prompt`` strings drawn i.i.d. from its discretized target
-    (soft recipe: 1 per epoch; hard recipe: 16). Deterministic given (seed, epoch).
+    (soft recipe: 1 per epoch; hard recipe: 16). With ``balance_families`` every family contributes
+    as many prompts as the largest one: a smaller family's prompts repeat (a fresh permutation each
+    epoch, cycled), each repeat with its own strings, so a family's share of training does not
+    follow the size of its parameter grid. Deterministic given (seed, epoch).
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
     rng = np.random.default_rng([seed, epoch])
-    strings = np.concatenate([sample_strings(p.support.probs, samples_per_prompt, rng) for p in prompts])
-    prompt_of_item = np.repeat(np.arange(len(prompts), dtype=np.int64), samples_per_prompt)
+    index = np.arange(len(prompts), dtype=np.int64)
+    if balance_families:
+        groups = _family_groups([p.spec.family_id for p in prompts])
+        longest = max(len(g) for g in groups)
+        index = np.concatenate([np.resize(rng.permutation(np.asarray(g, dtype=np.int64)), longest) for g in groups])
+    strings = np.concatenate([sample_strings(prompts[i].support.probs, samples_per_prompt, rng) for i in index])
+    prompt_of_item = np.repeat(index, samples_per_prompt)
     families = [prompts[i].spec.family_id for i in prompt_of_item]
     order = balanced_order(families, rng)
     return np.stack([prompt_of_item[order], strings[order]], axis=1)
+
+
+def epoch_size(family_ids: Sequence[str], *, balance_families: bool = False) -> int:
+    """Prompts per epoch (before samples_per_prompt): all of them, or with balance_families the
+    number of families times the largest family's prompt count (epoch_plan)."""
+    if not balance_families:
+        return len(family_ids)
+    groups = _family_groups(family_ids)
+    return len(groups) * max((len(g) for g in groups), default=0)
 
 
 def steps_per_epoch(num_items: int, global_batch: int, *, keep_last: bool = False) -> int:

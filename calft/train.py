@@ -45,7 +45,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 from tqdm import tqdm  # noqa: E402
 
 from calft import checkpoint, fileio  # noqa: E402
-from calft.batching import (build_batch, build_tree_batch, epoch_plan, global_num_positions,  # noqa: E402
+from calft.batching import (build_batch, build_tree_batch, epoch_plan, epoch_size, global_num_positions,  # noqa: E402
                             micro_batches, step_items, steps_per_epoch)
 from calft.cli import add_flags, comma_list, knob  # noqa: E402
 from calft.data import DataSettings, prepare_prompts  # noqa: E402
@@ -78,8 +78,9 @@ class TrainConfig:
     # data
     train_split: str = knob("train", "prompt split to train on", SPLITS)
     families: str = knob("", "comma-separated family ids to train on; '' = every family of the split")
-    max_prompts_per_family: int = knob(-1, "evenly subsample each family to at most this many "
-                                       "prompts; -1 = all")
+    max_prompts_per_family: int = knob(-1, "evenly subsample each family to at most this many prompts; -1 = all")
+    family_balance: bool = knob(False, "each family fills as much of an epoch as the largest (smaller "
+                                "families' prompts repeat), not a share set by the size of its grid")
     num_decimals: int = knob(5, "decimals of continuous answers (integers: none)")
     max_bins: int = knob(1001, "max support strings per prompt")
     samples_per_prompt: int = knob(1, "support strings drawn per prompt per epoch (trie mode and "
@@ -204,8 +205,7 @@ def check_config(cfg: TrainConfig) -> None:
     def flag(key):
         return "--" + key.replace("_", "-")
 
-    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins",
-                "eval_bins"):
+    for key in ("batch_size", "micro_batch_size", "epochs", "lora_r", "samples_per_prompt", "max_bins", "eval_bins"):
         if not 1 <= getattr(cfg, key) <= (MAX_BINS if key.endswith("bins") else math.inf):
             raise ValueError(f"{flag(key)} must be >= 1{' and <= %d' % MAX_BINS if 'bins' in key else ''}, got {getattr(cfg, key)}")
     for key in ("max_steps", "stop_at_step", "max_prompts_per_family", "eval_prompts_per_family"):
@@ -272,7 +272,8 @@ try:  # every flag, the split and the model's layout before anything is written 
     specs = get_split(cfg.train_split, families=families,
                       max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
     tree_batches = cfg.mode == "trie" or cfg.share_prompt  # one tree item per prompt: the batch counts prompts
-    items_per_epoch = len(specs) * (1 if tree_batches else cfg.samples_per_prompt)
+    items_per_epoch = (epoch_size([sp.family_id for sp in specs], balance_families=cfg.family_balance)
+                       * (1 if tree_batches else cfg.samples_per_prompt))
     spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
     check_training_memory(cfg.model, cfg.lora_targets, cfg.lora_r, items_per_epoch,  # LoRA targets too
@@ -481,15 +482,14 @@ previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, 
 # ------------------------------------------------------------------------------------------------
 # training loop: one optimizer step per iteration = grad_accum micro-batches on every rank
 
-bar = tqdm(total=max_steps, initial=step, disable=not (master and cfg.progress), desc="train",
-           dynamic_ncols=True)
+bar = tqdm(total=max_steps, initial=step, disable=not (master and cfg.progress), desc="train", dynamic_ncols=True)
 plan_epoch, plan = -1, None
 tokens_seen, exit_code = 0, 0  # tokens of this process (tokens_before: of earlier ones)
 while step < max_steps:
     t0 = time.time()
     epoch, pos = divmod(step, spe)
     if epoch != plan_epoch:  # the same on every rank: a pure function of (seed, epoch)
-        plan, plan_epoch = epoch_plan(prompts, seed=cfg.seed, epoch=epoch,
+        plan, plan_epoch = epoch_plan(prompts, seed=cfg.seed, epoch=epoch, balance_families=cfg.family_balance,
                                       samples_per_prompt=1 if tree_batches else cfg.samples_per_prompt), epoch
     global_items = step_items(plan, pos, global_batch=cfg.batch_size)
     mine = step_items(plan, pos, global_batch=cfg.batch_size, world_size=world_size, rank=rank)
@@ -562,8 +562,7 @@ while step < max_steps:
     if stop_now or step == cfg.stop_at_step:
         if master:
             why = f"signal {signal.Signals(stop_signal).name}" if stop_now else "--stop-at-step"
-            print(f"\nstopped at step {step} ({why}); checkpoint in {ckpt_dir}; continue with --resume",
-                  flush=True)
+            print(f"\nstopped at step {step} ({why}); checkpoint in {ckpt_dir}; continue with --resume", flush=True)
         exit_code = 128 + stop_signal if stop_now else 0
         break
 bar.close()

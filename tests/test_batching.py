@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from calft.tree import SoftTargetKLLoss
-from calft.batching import (balanced_order, build_batch, epoch_plan, global_num_positions, micro_batches,
+from calft.batching import (balanced_order, build_batch, epoch_plan, epoch_size, global_num_positions, micro_batches,
                             sample_strings, step_items, steps_per_epoch)
 
 
@@ -40,6 +40,27 @@ def test_epoch_plan_deterministic_and_reshuffled():
     assert not np.array_equal(a, epoch_plan(prompts, seed=4, epoch=0))
     assert sorted(a[:, 0].tolist()) == list(range(12))  # every prompt once per epoch
     assert [prompts[p].spec.family_id for p in a[:4, 0]] == ["x", "y", "x", "y"]
+
+
+def test_family_balanced_epoch_hand_computed():
+    # a: 5 prompts, b: 2, c: 1 -> every family fills 5 slots: a once each, b's two prompts 3 and 2
+    # times, c's one prompt 5 times; 15 items in round-robin order over the three families
+    fams = ["a"] * 5 + ["b"] * 2 + ["c"]
+    prompts = [fake_prompt(f, [0.25, 0.25, 0.25, 0.25]) for f in fams]
+    assert epoch_size(fams) == 8 and epoch_size(fams, balance_families=True) == 15
+    for epoch in range(4):
+        plan = epoch_plan(prompts, seed=1, epoch=epoch, balance_families=True)
+        counts = np.bincount(plan[:, 0], minlength=8)
+        assert plan.shape == (15, 2)
+        assert counts[:5].tolist() == [1] * 5 and sorted(counts[5:7].tolist()) == [2, 3] and counts[7] == 5
+        assert [fams[i] for i in plan[:9, 0]] == ["a", "b", "c"] * 3
+    # a repeated prompt gets strings of its own draw, not one string copied (5 uniform draws of 4)
+    repeats = [epoch_plan(prompts, seed=s, epoch=0, balance_families=True) for s in range(6)]
+    assert any(len(set(p[p[:, 0] == 7, 1].tolist())) > 1 for p in repeats)
+    # with samples_per_prompt, every repeat brings its own samples; equal families change nothing
+    assert epoch_plan(prompts, seed=1, epoch=0, samples_per_prompt=3, balance_families=True).shape == (45, 2)
+    equal = [fake_prompt(f, [0.5, 0.5]) for f in ["x"] * 3 + ["y"] * 3]
+    assert sorted(epoch_plan(equal, seed=2, epoch=0, balance_families=True)[:, 0].tolist()) == list(range(6))
 
 
 def test_sampling_matches_probabilities():
