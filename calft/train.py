@@ -154,7 +154,8 @@ _QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=Tr
               eval_decimals=1, eval_bins=1001, eval_samples=100)
 RECIPES = {
     "quick": _QUICK,
-    "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "checkpoint_interval": 50},
+    "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "family_balance": True,
+             "checkpoint_interval": 50},
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
