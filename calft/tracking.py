@@ -157,7 +157,7 @@ def _group_summary(rows: list[dict]) -> dict:
         has_sd = t_sd > 0
         within = np.zeros(len(rows), dtype=bool)
         within[ok] = np.abs(np.log(s_sd[ok] / t_sd[ok])) <= math.log(2)
-        # a tiny model may leave every prompt without a valid sample: NaN, said once by the caller, not warned
+        # a model may leave every prompt without a valid sample: the metric is NaN (printed n/a), not a warning
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             out.update(
