@@ -50,7 +50,7 @@ from calft.fileio import describe_os_error, format_bytes, machine_memory, write_
 from calft.models import DEFAULT_MODEL, load_model, load_tokenizer, quiet_peft, same_model  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort  # noqa: E402
 from calft.plots import plot_overview, plot_prompt, plot_tracking  # noqa: E402
-from calft.report import format_split_summary, json_safe, write_csv, write_report  # noqa: E402
+from calft.report import format_split_summary, json_safe, sampled_base, write_csv, write_report  # noqa: E402
 from calft.scoring import SUMMARY_METRICS, evaluate_models  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
 from calft.support import MAX_BINS, MAX_DECIMALS  # noqa: E402
@@ -377,8 +377,7 @@ def main(argv=None) -> dict:
     for split, preps in prepared.items() if progress else ():  # the block calft.train prints
         misses = None
         if len(non_base) == 1:
-            base = summaries[split].get("base") if "support_mass" in summaries[split].get("base", {}) else None
-            misses = missed_targets(tracking[split][non_base[0]], summaries[split][non_base[0]] if base else None, base)
+            misses = missed_targets(tracking[split][non_base[0]], sampled_base(tracking[split]), split=split)
         print(format_split_summary(split, len(preps), args.eval_decimals, args.eval_bins, summaries[split],
                                    tracking[split], misses, args.eval_samples if args.metrics != "exact" else 0))
     return summary

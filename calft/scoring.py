@@ -242,8 +242,8 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, ex
         a PeftModel: `without_adapter(model)`; a freshly loaded one: see calft.eval).
     prepared: {split: [PreparedPrompt]}. exact: the exact metrics (docs/method.md, section
         'Metrics'), on every split or only those in exact_splits; sampling: num_samples answers per
-        prompt at temperature 1 from the models in
-        sample_labels (None = every model; 0 samples = none), with their tracking metrics.
+        prompt at temperature 1 from the models in sample_labels (None = every model; a (label,
+        split) pair: that model on that split only; 0 samples = none), with their tracking metrics.
     autocast: (device type, dtype) for torch.autocast, or None. after_model(label, model): called
         while the model is open, after its splits (e.g. extra benchmarks).
     Returns {"rows": {(split, label): [row]}, "summaries": {split: {label: summarize(rows)}},
@@ -260,7 +260,8 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, ex
                     t0 = time.perf_counter()
                     rows = [{"family_id": p.spec.family_id, "params": dict(p.spec.params_dict)} for p in preps]
                     do_exact = exact and (exact_splits is None or split in exact_splits)
-                    do_sample = num_samples > 0 and (sample_labels is None or label in sample_labels)
+                    do_sample = num_samples > 0 and (sample_labels is None or label in sample_labels
+                                                     or (label, split) in sample_labels)
                     if not (do_exact or do_sample):
                         continue
                     if do_exact:
@@ -276,7 +277,8 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, ex
                                                     progress=progress)
                         out["samples"][split, label] = [smp.values for smp in sampled]
                         for row, smp, prep in zip(rows, sampled, preps):
-                            row.update(smp.metrics, **sample_tracking(prep.support, smp.values, seed=seed))
+                            row.update(smp.metrics, **sample_tracking(prep.support, smp.values, seed=seed,
+                                                                      num_answers=smp.metrics["num_samples"]))
                     out["seconds"][label, split] = time.perf_counter() - t0
                     out["rows"][split, label] = rows
                     out["summaries"].setdefault(split, {})[label] = summarize(rows)

@@ -13,8 +13,14 @@ and, from samples (calft.sampling), the same for the empirical distribution of t
 samples: sample_mean, sample_sd, sample_mean_error_sd, sample_ks, plus
     perfect_ks             = sample_ks of as many draws from the target itself (seeded by the
                              prompt): what a perfect sampler scores at that sample size
+    perfect_mean           = the mean of those draws (perfect_location_slope below)
     in_support_rate        = valid samples / all samples (a number, inside the family's support,
                              an integer where the family is; calft.sampling's statuses)
+    sample_ks_all          = max_x |#{valid samples <= x} / #{all samples} - F_p(x)|: the KS of every
+                             answer, where an invalid one (not a number, outside the support) is
+                             mass that never arrives on the support; 1 when no answer is valid.
+                             It compares models that answer validly at very different rates (the
+                             base model on test_selected), which sample_ks, on valid ones, cannot.
 
 Over a set of prompts (a family, or a split pooled over families), in target-sd units so that
 families and parameters of different scales weigh alike (t_i = target mean, m_i = model mean,
@@ -28,6 +34,11 @@ that knows each family's typical range but ignores the parameters scores ~0, not
     sd_within_2x   = fraction of prompts with model_sd within a factor 2 of target_sd
     median_ks      = median of ks_exact (and median_sample_ks of sample_ks, median_perfect_ks
                      of perfect_ks: the floor that median_sample_ks is read against)
+    perfect_location_slope = location_slope of the perfect draws' means: what a perfect sampler
+                     scores at this sample size. Its expectation is 1, but where a family's means
+                     vary little against its sds (F: the mean d2/(d2-2) moves 0.4 sd over the
+                     grid; Cauchy) one draw of it scatters widely (sd 0.4 at 12 prompts x 100
+                     samples: benchmarks/perfect_sampler.py), and so does the model's.
 The sampled versions (sample_location_r2, sample_location_slope, sample_sd_within_2x) put the
 sample mean and sd in place of the exact model_mean and model_sd; in_support_rate pools every
 sample of every prompt (all samples / all prompts), support_violation_rate likewise for the
@@ -45,10 +56,13 @@ import numpy as np
 
 VARIES = 1e-12  # mean squared spread (in target-sd units) below which targets count as constant
 PROMPT_KEYS = ("target_mean", "target_sd", "model_mean", "model_sd", "mean_error_sd", "ks_exact")
-SAMPLE_KEYS = ("sample_mean", "sample_sd", "sample_mean_error_sd", "sample_ks", "perfect_ks", "num_valid_samples")
+SAMPLE_KEYS = ("sample_mean", "sample_sd", "sample_mean_error_sd", "sample_ks", "sample_ks_all", "perfect_ks",
+               "perfect_mean", "num_valid_samples")
 # sampled first: they are what the model gives (the exact ones are renormalized on the support)
-SAMPLED_SUMMARY_KEYS = ("sample_location_r2", "sample_location_slope", "sample_sd_within_2x", "median_sample_ks",
-                        "median_perfect_ks", "in_support_rate", "support_violation_rate", "sample_mean_error_sd")
+SAMPLED_SUMMARY_KEYS = ("sample_location_r2", "sample_location_slope", "perfect_location_slope", "sample_sd_within_2x",
+                        "median_sample_ks",
+                        "median_perfect_ks", "median_sample_ks_all", "in_support_rate", "support_violation_rate",
+                        "sample_mean_error_sd")
 EXACT_SUMMARY_KEYS = ("location_r2", "location_slope", "scale_r2", "sd_within_2x", "median_ks", "mean_error_sd")
 SUMMARY_KEYS = SAMPLED_SUMMARY_KEYS + EXACT_SUMMARY_KEYS
 
@@ -77,35 +91,44 @@ def exact_tracking(support, log_m_renorm: np.ndarray) -> dict:
             "ks_exact": gap}
 
 
-def _sample_ks(vals: np.ndarray, xs: np.ndarray, cdf_p: np.ndarray) -> float:
+def _sample_ks(vals: np.ndarray, xs: np.ndarray, cdf_p: np.ndarray, num_answers: int | None = None) -> float:
     """max |F_samples - F_target| over every support value and sampled value (both CDFs are step
-    functions: the largest gap is at one of those points). xs ascending, cdf_p its target CDF."""
+    functions: the largest gap is at one of those points). xs ascending, cdf_p its target CDF.
+    F_samples counts vals over num_answers (default: vals.size): the answers that are not in vals
+    never arrive, so F_samples ends at vals.size / num_answers."""
     grid = np.union1d(xs, vals)
     f_p = np.concatenate([[0.0], cdf_p])[np.searchsorted(xs, grid, side="right")]
-    f_s = np.searchsorted(np.sort(vals), grid, side="right") / vals.size
+    f_s = np.searchsorted(np.sort(vals), grid, side="right") / (num_answers or vals.size)
     return _max_cdf_gap(f_s, f_p)
 
 
-def sample_tracking(support, values, *, seed: int = 0) -> dict:
+def sample_tracking(support, values, *, seed: int = 0, num_answers: int | None = None) -> dict:
     """The same from sampled values (the valid, parsed numbers; NaN metrics when there are none),
     and perfect_ks: the KS of as many draws from the discretized target itself (numpy Generator
-    seeded by (seed, number of values)), the score of a perfect sampler at this sample size."""
+    seeded by (seed, number of values)), the score of a perfect sampler at this sample size.
+    num_answers: how many answers were sampled in all, valid or not (adds sample_ks_all)."""
     vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     x = np.asarray([float(v) for v in support.values], dtype=np.float64)
     p = np.asarray(support.probs, dtype=np.float64)
     t_mean, t_sd = _moments(x, p)
-    nan = float("nan")
-    if vals.size == 0:
-        return {"target_mean": t_mean, "target_sd": t_sd, "sample_mean": nan, "sample_sd": nan,
-                "sample_mean_error_sd": nan, "sample_ks": nan, "perfect_ks": nan, "num_valid_samples": 0}
     order = np.argsort(x, kind="stable")
     xs, cdf_p = x[order], np.cumsum(p[order]) / p.sum()
+    nan = float("nan")
+    every = {}
+    if num_answers is not None:
+        if num_answers < vals.size:
+            raise ValueError(f"num_answers={num_answers} is fewer than the {vals.size} valid values")
+        every["sample_ks_all"] = _sample_ks(vals, xs, cdf_p, num_answers) if num_answers else nan
+    if vals.size == 0:
+        return {"target_mean": t_mean, "target_sd": t_sd, "sample_mean": nan, "sample_sd": nan,
+                "sample_mean_error_sd": nan, "sample_ks": nan, "perfect_ks": nan, "perfect_mean": nan,
+                "num_valid_samples": 0, **every}
     perfect = np.random.default_rng([seed, vals.size]).choice(x, size=vals.size, p=p / p.sum())
     s_mean, s_sd = float(vals.mean()), float(vals.std())
     return {"target_mean": t_mean, "target_sd": t_sd, "sample_mean": s_mean, "sample_sd": s_sd,
             "sample_mean_error_sd": abs(s_mean - t_mean) / t_sd if t_sd > 0 else nan,
             "sample_ks": _sample_ks(vals, xs, cdf_p), "perfect_ks": _sample_ks(perfect, xs, cdf_p),
-            "num_valid_samples": int(vals.size)}
+            "perfect_mean": float(perfect.mean()), "num_valid_samples": int(vals.size), **every}
 
 
 def _r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, scale: np.ndarray) -> float:
@@ -151,6 +174,7 @@ def _group_summary(rows: list[dict]) -> dict:
     if "sample_ks" in rows[0]:
         s_mean = np.asarray([r["sample_mean"] for r in rows], dtype=np.float64)
         s_sd = np.asarray([r["sample_sd"] for r in rows], dtype=np.float64)
+        p_mean = np.asarray([r.get("perfect_mean", math.nan) for r in rows], dtype=np.float64)
         loc = (t_sd > 0) & np.isfinite(s_mean)  # a prompt without a valid sample has no mean: left out
         ok = loc & (s_sd > 0)
         # sd within 2x: every prompt with a target sd counts; no valid sample or all samples equal is a miss
@@ -163,9 +187,11 @@ def _group_summary(rows: list[dict]) -> dict:
             out.update(
                 sample_location_r2=_r2(s_mean[loc], t_mean[loc], fam[loc], t_sd[loc]),
                 sample_location_slope=_slope(s_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
+                perfect_location_slope=_slope(p_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
                 sample_sd_within_2x=float(np.mean(within[has_sd])) if has_sd.any() else float("nan"),
                 median_sample_ks=float(np.nanmedian([r["sample_ks"] for r in rows])),
                 median_perfect_ks=float(np.nanmedian([r.get("perfect_ks", float("nan")) for r in rows])),
+                median_sample_ks_all=float(np.nanmedian([r.get("sample_ks_all", float("nan")) for r in rows])),
                 sample_mean_error_sd=float(np.nanmean([r["sample_mean_error_sd"] for r in rows])),
             )
     if "num_samples" in rows[0]:  # calft.sampling.sample_metrics: counts of every status
@@ -191,32 +217,44 @@ def summarize_tracking(rows) -> dict:
     return out
 
 
-# The calibration targets (issue 18), from samples on unseen parameters inside the training
-# ranges: pooled tracking metrics (summarize_tracking), every family's sampled slope, and no family
-# worse than the base model in exact seq_kl_renorm (calft.evaluate.summarize).
+# The calibration targets (issue 18), all from samples: on unseen parameters inside the training
+# ranges (test_within_range), the pooled tracking metrics (summarize_tracking) and every family's
+# sampled slope; on the headline rows outside them (test_selected), no family worse than the base
+# model, in median_sample_ks_all (the base model mostly answers in prose: its valid samples alone
+# would not say how far its answers are from the target).
 TARGETS = {"sample_location_r2": (">=", 0.9), "sample_sd_within_2x": (">=", 0.75),
            "median_sample_ks": ("<=", 0.2), "in_support_rate": (">=", 0.95)}
 FAMILY_SLOPE_TARGET = 0.7  # every family's sample_location_slope at least this
+BASE_COMPARISON_SPLIT = "test_selected"  # its one prompt per family is held against the base model only
 
 
-def missed_targets(tracking: dict, exact: dict | None = None, base_exact: dict | None = None) -> list[str]:
-    """One line per missed target: TARGETS and FAMILY_SLOPE_TARGET on `tracking`
-    (summarize_tracking), and every family whose seq_kl_renorm in `exact` (summarize) is worse
-    than in `base_exact`. Metrics that were not measured (absent or NaN) make no claim."""
+def _perfect_note(family: dict) -> str:
+    """The perfect sampler's slope on the same prompts, which a slow family's slope is read against."""
+    ps = family.get("perfect_location_slope", float("nan"))
+    return f" (perfect sampler {ps:.2f})" if ps == ps else ""
+
+
+def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: str = "test_within_range") -> list[str]:
+    """One line per missed target on `tracking` (summarize_tracking of a fine-tuned model's samples):
+    TARGETS and FAMILY_SLOPE_TARGET on every split but BASE_COMPARISON_SPLIT, and, where
+    `base_tracking` (the base model sampled on the same prompts) is given, every family whose
+    median_sample_ks_all is above the base model's. Metrics not measured (absent or NaN) make no claim."""
     missed = []
-    for key, (op, bound) in TARGETS.items():
+    for key, (op, bound) in TARGETS.items() if split != BASE_COMPARISON_SPLIT else ():
         value = tracking.get(key)
         if value is None or value != value:
             continue
         if not (value >= bound if op == ">=" else value <= bound):
             missed.append(f"{key} {value:.3g} (target {op} {bound})")
-    slow = [f"{f} {m['sample_location_slope']:.2f}" for f, m in tracking.get("per_family", {}).items()
-            if m.get("sample_location_slope", float("nan")) < FAMILY_SLOPE_TARGET]
+    fams = tracking.get("per_family", {})
+    slow = [f"{f} {m['sample_location_slope']:.2f}" + _perfect_note(m) for f, m in fams.items()
+            if split != BASE_COMPARISON_SPLIT and m.get("sample_location_slope", float("nan")) < FAMILY_SLOPE_TARGET]
     if slow:
         missed.append(f"sampled slope below {FAMILY_SLOPE_TARGET} for {', '.join(slow)}")
-    if exact is not None and base_exact is not None:
-        worse = [f for f, m in exact.get("per_family", {}).items()
-                 if m.get("seq_kl_renorm", 0.0) > base_exact["per_family"].get(f, {}).get("seq_kl_renorm", float("inf"))]
+    if base_tracking is not None:
+        base_ks = {f: m.get("median_sample_ks_all", float("inf")) for f, m in base_tracking.get("per_family", {}).items()}
+        worse = [f"{f} {m['median_sample_ks_all']:.2f} vs {base_ks[f]:.2f}" for f, m in fams.items()
+                 if m.get("median_sample_ks_all", float("nan")) > base_ks.get(f, float("inf"))]
         if worse:
-            missed.append(f"seq_kl_renorm worse than the base model's for {', '.join(worse)}")
+            missed.append(f"sampled KS of every answer above the base model's for {', '.join(worse)}")
     return missed

@@ -11,7 +11,7 @@ Scale out (the global --batch-size is kept; accumulation = batch / (micro batch 
 Every option: python -m calft.train --help
 
 The script reads top to bottom (nanoGPT's order): config, setup, data, model + PEFT, optimizer
-and schedule, one training loop, evaluation (calft.scoring.evaluate_models, as calft.eval). The
+and schedule, one training loop, evaluation (calft.train_eval, calft.eval's code path). The
 objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
 calft/losses.py (the fused LM-head + sparse KL).
 
@@ -54,10 +54,9 @@ from calft.models import (DEFAULT_MODEL, add_lora, check_model_files, check_trai
                           decoder, load_model, load_tokenizer)
 from calft.precision import PRECISIONS, autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort, terminator_ids  # noqa: E402
-from calft.report import write_training_eval  # noqa: E402
-from calft.scoring import evaluate_models, without_adapter  # noqa: E402
 from calft.splits import SPLITS, get_split  # noqa: E402
 from calft.support import MAX_BINS, MAX_DECIMALS  # noqa: E402
+from calft.train_eval import evaluate_after_training  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
 
 
@@ -142,7 +141,8 @@ class TrainConfig:
     eval_prompts_per_family: int = knob(3, "prompts per family and split, spread over the parameter "
                                         "grid; -1 = the split's own cap")
     eval_samples: int = knob(100, "answers sampled per prompt from the fine-tuned model (temperature 1); 0 = none")
-    eval_exact_split: str = knob("test_selected", "splits of --eval-split also scored exactly, base and fine-tuned; '' = none")
+    eval_exact_split: str = knob("test_selected", "splits of --eval-split also scored exactly, base and fine-tuned, "
+                                 "and the base sampled (the target compares them there); '' = none")
 
 
 # Per-recipe defaults (why each value, what the alternatives measured: docs/method.md, 'Recipes'). The paper
@@ -591,27 +591,11 @@ summary = {"steps": step, "epochs": step / spe, "final_loss": last_loss, "train_
            "processes": world_size, "segments": segment}
 if cfg.eval and cfg.fsdp and master:
     print("evaluation skipped under --fsdp (the model is sharded): evaluate the saved adapter with python -m calft.eval")
-if cfg.eval and master and not cfg.fsdp:  # calft.scoring.evaluate_models: calft.eval's code path too
-    eval_settings = DataSettings(num_decimals=cfg.eval_decimals, max_bins=cfg.eval_bins)
+if cfg.eval and master and not cfg.fsdp:  # calft.train_eval: calft.eval's code path
     model.eval()
-    t_eval, eval_prompts = time.time(), {}
-    for split in comma_list(cfg.eval_split):
-        members = {s.family_id for s in get_split(split)}  # --families restricts the splits that hold them
-        eval_specs = get_split(split, families=[f for f in families or () if f in members] or None,
-                               max_specs=cfg.eval_prompts_per_family if cfg.eval_prompts_per_family > 0 else None)
-        with disk_fault("the prepared-data cache"):
-            eval_prompts[split] = prepare_prompts(tokenizer, eval_specs, eval_settings, progress=cfg.progress)
-    # only the fine-tuned model is sampled (the base answers in prose); exact: base and fine-tuned on --eval-exact-split
-    scored = evaluate_models([("base", lambda: without_adapter(model)), ("fine-tuned", lambda: nullcontext(model))],
-                             tokenizer, eval_prompts, exact_splits=set(comma_list(cfg.eval_exact_split)),
-                             sample_labels={"fine-tuned"}, num_samples=cfg.eval_samples, seed=cfg.seed,
-                             autocast=(device.type, autocast_dtype) if autocast_dtype else None, progress=cfg.progress)
-    with disk_fault(f"the evaluation in {out_dir}"):
-        results = write_training_eval(out_dir, scored, eval_prompts, cfg.eval_decimals, cfg.eval_bins,
-                                      num_samples=cfg.eval_samples, record=lambda names: checkpoint.record_files(out_dir, names))
-    summary.update(eval_time_s=time.time() - t_eval,
-                   eval={k: {m: v[m] for m in ("base", "finetuned", "base_tracking", "finetuned_tracking", "missed")}
-                         for k, v in results.items()})
+    summary.update(evaluate_after_training(model, tokenizer, cfg, families, out_dir=out_dir, guard=disk_fault,
+                                           autocast=(device.type, autocast_dtype) if autocast_dtype else None,
+                                           record=lambda names: checkpoint.record_files(out_dir, names)))
 if master:
     summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation
     with disk_fault(out_dir / "summary.json"):  # last: a valid summary.json marks a finished run

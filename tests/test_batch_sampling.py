@@ -134,6 +134,7 @@ def test_sampled_metrics_against_a_hand_computed_case(coin_model):
                                                                             p=prep.support.probs / prep.support.probs.sum())
         brute = max(abs(np.mean(draws <= t) - prep.support.probs[x <= t].sum()) for t in np.union1d(x, draws))
         assert row["perfect_ks"] == pytest.approx(brute, abs=1e-12)
+        assert row["perfect_mean"] == pytest.approx(draws.mean(), abs=1e-12)
     s = summarize_tracking(rows)
     # location, in target-sd units, centred within the family: targets 2 (sd 1) and 1 (sd 1/sqrt 2)
     ss_tot = ((2 - 1.5) / 1) ** 2 + ((1 - 1.5) / math.sqrt(0.5)) ** 2
@@ -143,6 +144,11 @@ def test_sampled_metrics_against_a_hand_computed_case(coin_model):
     slope = ((2 - tc) * (a["sample_mean"] - mc) + 2 * (1 - tc) * (1 - mc)) / ((2 - tc) ** 2 + 2 * (1 - tc) ** 2)
     assert s["sample_location_slope"] == pytest.approx(slope)
     assert s["per_family"]["binomial"]["sample_location_slope"] == pytest.approx(slope)
+    # the perfect sampler's slope: the same formula on the means of its draws
+    pa, pb = a["perfect_mean"], b["perfect_mean"]
+    pc = (pa + 2 * pb) / 3
+    perfect_slope = ((2 - tc) * (pa - pc) + 2 * (1 - tc) * (pb - pc)) / ((2 - tc) ** 2 + 2 * (1 - tc) ** 2)
+    assert s["perfect_location_slope"] == pytest.approx(perfect_slope)
     # sd within 2x: A when 2 sqrt(f(1-f)) is in [1/2, 2]; B never (all valid samples equal)
     in_a = 0.5 <= 2 * math.sqrt(f[0] * (1 - f[0])) <= 2
     assert s["sample_sd_within_2x"] == pytest.approx((int(in_a) + 0) / 2)

@@ -39,7 +39,7 @@ def test_curve_rows_match_an_independent_eval(tiny_model_dir, tmp_path, monkeypa
         assert rows[-1][key] == pytest.approx(tracking[key], rel=1e-6, abs=1e-9, nan_ok=True), key  # tiny: NaN KS
     assert math.isclose(rows[-1]["support_mass"], exact["support_mass"], rel_tol=1e-6)
     assert math.isclose(rows[0]["support_mass"], base_exact["support_mass"], rel_tol=1e-6)
-    assert rows[-1]["missed"] == missed_targets(tracking, exact, base_exact)
+    assert rows[-1]["missed"] == missed_targets(tracking)
     slopes = {f: m["sample_location_slope"] for f, m in tracking["per_family"].items()}
     assert rows[-1]["family_slopes"] == pytest.approx(slopes, nan_ok=True)
     assert rows[-1]["families_below_slope"] == sum(v < 0.7 for v in slopes.values())  # NaN: not below
@@ -72,7 +72,7 @@ def test_reference_runs_are_drawn_from_their_own_evaluation(tiny_model_dir, tmp_
     assert ref["step"] == 2 and ref["minutes"] == summary["train_time_s"] / 60
     assert ref["support_mass"] == ev["finetuned"]["support_mass"]
     assert ref["location_r2"] == pytest.approx(ev["finetuned_tracking"]["location_r2"], nan_ok=True)
-    assert ref["missed"] == missed_targets(ev["finetuned_tracking"], ev["finetuned"], ev["base"])
+    assert ref["missed"] == missed_targets(ev["finetuned_tracking"])
     assert (tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # not LABEL=RUN_DIR of a finished run: an argparse error
         calibration_curve.main(["--plot-only", "--reference", str(run), "--output", str(curve)])

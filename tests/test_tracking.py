@@ -13,12 +13,13 @@ from calft.support import build_support
 from calft.tracking import exact_tracking, sample_tracking, summarize_tracking
 
 
-def _brute_ks(sample_values, values, probs) -> float:
-    """max over every point x of |#{samples <= x}/n - sum_{v <= x} p(v)|, in pure Python."""
+def _brute_ks(sample_values, values, probs, num_answers=None) -> float:
+    """max over every point x of |#{samples <= x}/n - sum_{v <= x} p(v)|, in pure Python
+    (n = num_answers, default len(sample_values))."""
     points = sorted(set(sample_values) | set(values))
     best = 0.0
     for x in points:
-        f_s = sum(1 for s in sample_values if s <= x) / len(sample_values)
+        f_s = sum(1 for s in sample_values if s <= x) / (num_answers or len(sample_values))
         f_p = sum(p for v, p in zip(values, probs) if v <= x)
         best = max(best, abs(f_s - f_p))
     return best
@@ -56,6 +57,26 @@ def test_sample_tracking_ks_matches_brute_force_and_scipy_moments(family, params
     big = rng.choice(x, size=200_000, p=sup.probs)
     assert abs(row["sample_ks"] - stats.ks_2samp(draws, big).statistic) < 0.02
     assert math.isnan(sample_tracking(sup, [])["sample_ks"])
+    # every answer counted: 40 more answers that were not valid never arrive on the support
+    every = sample_tracking(sup, draws, num_answers=len(draws) + 40)
+    assert every["sample_ks_all"] == pytest.approx(_brute_ks(draws, list(x), list(sup.probs), len(draws) + 40),
+                                                   abs=1e-12)
+    assert every["sample_ks_all"] >= 40 / (len(draws) + 40) - 1e-12  # the CDF ends that far below 1
+    assert sample_tracking(sup, draws, num_answers=len(draws))["sample_ks_all"] == pytest.approx(row["sample_ks"])
+    assert sample_tracking(sup, [], num_answers=100)["sample_ks_all"] == pytest.approx(1.0)  # nothing valid
+    assert "sample_ks_all" not in row
+    with pytest.raises(ValueError, match="fewer than"):
+        sample_tracking(sup, draws, num_answers=3)
+
+
+def test_sample_ks_all_by_hand():
+    """Binomial(2, 1/2): p = 1/4, 1/2, 1/4 on 0, 1, 2. Answers "1", "2", "2" and one that is not a
+    number: F_all = 0, 1/4, 3/4 at 0, 1, 2 against 1/4, 3/4, 1; the largest gap is 1/2 at x = 1."""
+    sup = build_support("binomial", {"n": 2, "p": 0.5}, num_decimals=0, max_bins=1001)
+    assert [float(v) for v in sup.values] == [0.0, 1.0, 2.0]
+    row = sample_tracking(sup, [1.0, 2.0, 2.0], num_answers=4)
+    assert row["sample_ks_all"] == pytest.approx(0.5)
+    assert row["sample_ks"] == pytest.approx(max(1 / 4, abs(1 / 3 - 3 / 4), 0.0))  # valid ones only: 5/12
 
 
 def _rows(model_mean, model_sd):
@@ -134,14 +155,20 @@ def test_missed_targets_names_every_miss():
 
     tracking = {"sample_location_r2": 0.95, "sample_sd_within_2x": 0.7, "median_sample_ks": 0.15,
                 "in_support_rate": 0.9, "location_r2": 0.5,  # exact R^2: not a target any more
-                "per_family": {"a": {"sample_location_slope": 0.9}, "b": {"sample_location_slope": 0.5},
+                "per_family": {"a": {"sample_location_slope": 0.9, "median_sample_ks_all": 0.3},
+                               "b": {"sample_location_slope": 0.5, "median_sample_ks_all": 0.6},
+                               "c": {"sample_location_slope": 0.1, "perfect_location_slope": 0.953},
                                "t": {"sample_location_slope": float("nan")}}}  # no slope (constant targets)
-    exact = {"support_mass": 0.85, "per_family": {"a": {"seq_kl_renorm": 0.2}, "b": {"seq_kl_renorm": 0.9}}}
-    base = {"per_family": {"a": {"seq_kl_renorm": 1.0}, "b": {"seq_kl_renorm": 0.5}}}
-    missed = missed_targets(tracking, exact, base)
-    assert missed == ["sample_sd_within_2x 0.7 (target >= 0.75)", "in_support_rate 0.9 (target >= 0.95)",
-                      "sampled slope below 0.7 for b 0.50", "seq_kl_renorm worse than the base model's for b"]
+    base = {"per_family": {"a": {"median_sample_ks_all": 0.99}, "b": {"median_sample_ks_all": 0.55}}}
+    assert missed_targets(tracking) == [
+        "sample_sd_within_2x 0.7 (target >= 0.75)", "in_support_rate 0.9 (target >= 0.95)",
+        "sampled slope below 0.7 for b 0.50, c 0.10 (perfect sampler 0.95)"]
+    # with the base model sampled on the same prompts: b's answers are further from the target than the base's
+    worse = "sampled KS of every answer above the base model's for b 0.60 vs 0.55"
+    assert missed_targets(tracking, base)[-1] == worse
+    # test_selected (one prompt per family, outside the training ranges): only the comparison with the base
+    assert missed_targets(tracking, base, split="test_selected") == [worse]
     good = {"sample_location_r2": 0.9, "sample_sd_within_2x": 0.8, "median_sample_ks": 0.2, "in_support_rate": 0.95,
-            "per_family": {"a": {"sample_location_slope": 0.7}}}
-    assert missed_targets(good, {"per_family": {"a": {"seq_kl_renorm": 0.2}}}, base) == []
+            "per_family": {"a": {"sample_location_slope": 0.7, "median_sample_ks_all": 0.99}}}
+    assert missed_targets(good, base) == []  # equal to the base's is not worse
     assert missed_targets({"sample_location_r2": float("nan")}) == []  # unmeasured: no claim

@@ -190,6 +190,13 @@ def test_outputs_and_adapter_reload(full_run, tiny_model_dir, tiny_tokenizer):
     saved = json.loads((out / "eval.json").read_text())["splits"]["test_selected"]
     assert {r["family_id"] for r in saved["finetuned_rows"]} == {"gaussian", "binomial"}
     assert all("sample_ks" in r and "model_mean" in r for r in saved["finetuned_rows"])
+    # the base model is sampled where the target compares it with the fine-tuned one (test_selected), not elsewhere
+    assert all(r["num_samples"] == 3 and "sample_ks_all" in r for r in saved["base_rows"])
+    within = json.loads((out / "eval.json").read_text())["splits"]["test_within_range"]
+    assert within["base_rows"] is None and all("sample_ks_all" in r for r in within["finetuned_rows"])
+    from calft.tracking import missed_targets
+
+    assert saved["missed"] == missed_targets(saved["finetuned_tracking"], saved["base_tracking"], split="test_selected")
     from calft.splits import get_split
 
     specs = {(r["family_id"], tuple(r["params"].items())) for r in saved["finetuned_rows"]}
