@@ -141,7 +141,7 @@ def _is_own_temp(name: str) -> bool:
 
 
 def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
-                  max_steps: int, prog: str = "calft.train") -> str:
+                  max_steps: int, prog: str = "calft.train", defaults: dict | None = None) -> str:
     """Make `out_dir` this process's run directory, or raise RunDirError (nothing written).
 
     Only a directory calft started a run in (its marker) is reused, resumed or overwritten; one
@@ -151,7 +151,8 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
     refused (with `overwrite`: the link is removed). Temp files of killed writers are removed.
     config.json is written for a new run only. Returns "new", "resume" (checkpoint/ recovered if
     a kill left it mid-rotation) or "finished" (nothing written). A --resume whose checkpoint/ is
-    gone although the run wrote one is refused, never silently restarted from step 0.
+    gone although the run wrote one is refused, never silently restarted from step 0. A field
+    that an older run's config lacks (added to calft since) counts as its value in `defaults`.
     """
     out_dir = Path(out_dir)
     train_fields = {k: v for k, v in config.items() if k not in run_only_fields}
@@ -186,7 +187,8 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
         if overwrite:
             remove_run(out_dir)  # only the files calft wrote
         else:
-            old = {k: v for k, v in old.items() if k not in run_only_fields} if old is not None else train_fields
+            old = train_fields if old is None else \
+                {k: v for k, v in {**(defaults or {}), **old}.items() if k not in run_only_fields}
             if old != train_fields:
                 diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
                         if old.get(k) != train_fields.get(k)}

@@ -242,6 +242,20 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, env, n_threads):
     assert sb["train_time_s"] >= got[1]["elapsed_s"] > 0  # the first segment's time is included
 
 
+def test_resume_of_a_run_from_before_a_new_field(tiny_model_dir, tmp_path, env):
+    """A run directory written before a TrainConfig field existed (its config.json lacks the key)
+    resumes when the field is at its default, and is still refused when the field differs."""
+    out = tmp_path / "older"
+    run_inline(tiny_args(tiny_model_dir, out, "--stop-at-step", "2"), env["CALFT_CACHE_DIR"])
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("family_balance") is False  # as a run of session 5 wrote it
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(AssertionError, match="exited with 2"):  # another value of the missing field: refused
+        run_inline(tiny_args(tiny_model_dir, out, "--resume", "--family-balance"), env["CALFT_CACHE_DIR"])
+    run_inline(tiny_args(tiny_model_dir, out, "--resume"), env["CALFT_CACHE_DIR"])
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
+
+
 def test_sigint_leaves_loadable_checkpoint(tiny_model_dir, tmp_path, env):
     out = tmp_path / "interrupted"
     args = tiny_args(tiny_model_dir, out, "--checkpoint-interval", "0")
