@@ -15,7 +15,8 @@ of up to `max_rows` rows:
    the distinct live prefixes of length t (a sample that draws a stop token leaves), so 100
    answers of ~5 tokens cost a few dozen token forwards instead of ~500: numbers share their
    leading digits;
-4. the loop ends when no sample is left (or after max_new_tokens).
+4. the loop ends when no sample is left (or after max_new_tokens); with stop_unparseable, an
+   answer also leaves once no continuation could parse as a number (the base model's prose).
 So every prompt token and every distinct answer prefix is computed once, and the padding is
 attended by nobody.
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from calft.models import cache_kwarg, new_cache
-from calft.sampling import invert_cdf, sample_seeds, stop_token_ids, token_cdf
+from calft.sampling import can_still_parse, invert_cdf, sample_seeds, stop_token_ids, token_cdf
 
 
 def common_prefix_len(seqs) -> int:
@@ -65,12 +66,14 @@ def plan_chunks(num_prompts: int, num_samples: int, max_rows: int) -> list[list[
 @torch.no_grad()
 def sample_prompts(model, tokenizer, prompts, num_samples: int, *, seed: int = 0, prompt_keys=None,
                    max_rows: int = 1024, max_new_tokens: int = 32, temperature: float = 1.0,
-                   top_p: float = 1.0, progress=None) -> list[list[str]]:
+                   top_p: float = 1.0, progress=None, stop_unparseable: bool = False) -> list[list[str]]:
     """`num_samples` decoded answers for each prompt (token ids, chat-formatted), in sample order.
 
     prompt_keys: one string per prompt for the seeds (calft.sampling.sample_seeds; default: the
     decoded prompt). max_rows: samples decoded together (memory ~ their distinct prefixes, at
     most max_rows, x prompt length x the model's KV size). progress: an optional callable(number of prompts finished).
+    stop_unparseable: end an answer as soon as no continuation of it could parse as a number
+    (calft.sampling.can_still_parse; its status is then known: malformed); the others are unchanged.
     """
     if num_samples <= 0 or max_rows <= 0 or max_new_tokens <= 0:
         raise ValueError("num_samples, max_rows and max_new_tokens must be positive")
@@ -132,6 +135,8 @@ def sample_prompts(model, tokenizer, prompts, num_samples: int, *, seed: int = 0
             for r, t in zip(alive, tok):
                 tokens[r].append(int(t))
             live = ~np.isin(tok, stop_list)
+            if stop_unparseable:  # prose: one decode per live answer and step, ~10 us each
+                live &= np.array([can_still_parse(tokenizer.decode(tokens[r], skip_special_tokens=True)) for r in alive])
             if not live.any() or step == max_new_tokens - 1:
                 break
             alive, row_node, tok = alive[live], row_node[live], tok[live]

@@ -68,6 +68,19 @@ def parse_output(text: str) -> tuple[str, float | None]:
     return "ok", float(body)  # "1e999" parses to inf: caught by the validator as non_finite
 
 
+# A superset of every prefix of an answer parse_output accepts when the answer holds no "<" (no
+# think block): whitespace, a sign, digits and points, an exponent, whitespace. re's \s is str.strip()'s
+# whitespace; U+FFFD is how a multi-byte character cut between two tokens decodes.
+_NUMBER_PREFIX_RE = re.compile(r"\s*[+-]?[0-9.]*(?:[eE][+-]?[0-9]*)?\s*")
+
+
+def can_still_parse(text: str) -> bool:
+    """False only when no continuation of `text` can make parse_output return "ok": a sampler may
+    stop that answer there, its status (malformed) already decided. Conservative: any "<" (a think
+    block may be opening) or a partly decoded character keeps the answer going."""
+    return "<" in text or "\ufffd" in text or _NUMBER_PREFIX_RE.fullmatch(text) is not None
+
+
 def classify_value(x: float, lo: float, hi: float, integer: bool) -> str:
     """Status of a parsed number against a support [lo, hi] (bounds may be infinite)."""
     if not math.isfinite(x):
@@ -295,7 +308,9 @@ def evaluate_sampling(model, tokenizer, prepared_list, *, num_samples: int = 100
                       batch_size: int = 1024, max_new_tokens: int = 32, progress: bool = True) -> list[SampledPrompt]:
     """Run the sampling protocol on prepared prompts (calft.data.PreparedPrompt): the answers of
     several prompts decoded together, `batch_size` rows at a time (calft.batch_sampling; the
-    same answers as generate_samples draws one prompt at a time)."""
+    same answers as generate_samples draws one prompt at a time). An answer is cut where no
+    continuation could parse as a number (can_still_parse: the base model's prose stops at its
+    first letter): its text is shorter, its status the same."""
     from tqdm.auto import tqdm
 
     from calft.batch_sampling import sample_prompts
@@ -304,7 +319,7 @@ def evaluate_sampling(model, tokenizer, prepared_list, *, num_samples: int = 100
     with tqdm(total=len(prepared_list), desc="sampling", disable=not progress) as bar:
         outputs = sample_prompts(model, tokenizer, [p.prompt_ids for p in prepared_list], num_samples, seed=seed,
                                  prompt_keys=[p.text for p in prepared_list], max_rows=batch_size,
-                                 max_new_tokens=max_new_tokens, progress=bar.update)
+                                 max_new_tokens=max_new_tokens, progress=bar.update, stop_unparseable=True)
     results = []
     for prep, outs in zip(prepared_list, outputs):
         family_id, params = prep.spec.family_id, prep.spec.params_dict

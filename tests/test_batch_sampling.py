@@ -43,6 +43,50 @@ def test_batched_sampler_matches_the_naive_oracle(tiny, max_rows):
     assert len({len(x) for x in sum(ref, [])}) > 1  # rows really stopped at different lengths
 
 
+def test_can_still_parse_never_gives_up_on_an_answer_that_could_parse():
+    """Against brute force: for every text over an alphabet of digits, signs, points, exponents,
+    spaces, letters and "<" up to length 4, can_still_parse(text) is False only when no extension
+    of up to 3 more characters parses; and every prefix of an accepted answer is kept going."""
+    import itertools
+
+    from calft.sampling import can_still_parse, parse_output
+
+    alphabet = "1.-e x<"
+    ext = ["".join(t) for n in range(4) for t in itertools.product(alphabet + "/>k", repeat=n)]
+    stopped = 0
+    for n in range(5):
+        for chars in itertools.product(alphabet, repeat=n):
+            text = "".join(chars)
+            if not can_still_parse(text):
+                stopped += 1
+                assert all(parse_output(text + t)[0] != "ok" for t in ext), text
+    assert stopped > 1000  # it does give up on most prose
+    for answer in (" -12.5e+3 ", "+.5", "7.", "\u00a03\u3000", "<think>a</think> 4", "1E-07\n"):
+        assert parse_output(answer)[0] == "ok"
+        assert all(can_still_parse(answer[:k]) for k in range(len(answer) + 1)), answer
+    assert not can_still_parse("Sure") and not can_still_parse("3 4") and not can_still_parse("1e5e")
+    assert can_still_parse("\ufffd")  # half a character: it may still become whitespace
+
+
+def test_stopping_unparseable_answers_keeps_every_status(tiny):
+    """The tiny model answers garbage (every answer malformed): with stop_unparseable its answers
+    are cut early and keep their status. (Valid answers are kept whole: the coin model's test
+    below samples through evaluate_sampling, which stops unparseable answers, and gets "1"/"3".)"""
+    from calft.prompts import prompt_token_ids
+    from calft.sampling import classify_outputs
+
+    model, tok = tiny
+    prompts = [prompt_token_ids(tok, t) for t in ("Generate exactly ONE random number.", "Binomial n=4")]
+    full = sample_prompts(model, tok, prompts, 40, seed=3, max_new_tokens=8)
+    cut = sample_prompts(model, tok, prompts, 40, seed=3, max_new_tokens=8, stop_unparseable=True)
+    assert sum(len(c) < len(f) for a, b in zip(cut, full) for c, f in zip(a, b)) > 20
+    for a, b in zip(cut, full):
+        sa, va = classify_outputs(a, "gaussian", {"mu": 0.0, "sigma": 1.0})
+        sb, vb = classify_outputs(b, "gaussian", {"mu": 0.0, "sigma": 1.0})
+        assert sa == sb and np.array_equal(va, vb)
+        assert [c for c, st in zip(a, sa) if st == "valid"] == [f for f, st in zip(b, sb) if st == "valid"]
+
+
 def test_batched_sampler_rejects_bad_settings(tiny):
     model, tok = tiny
     with pytest.raises(ValueError):
