@@ -343,7 +343,8 @@ if master and snapshot_steps and max(snapshot_steps) > max_steps:  # steps set b
     print(f"calft.train: warning: --snapshot-steps past the last step ({max_steps}) are never "
           f"reached: {sorted(s for s in snapshot_steps if s > max_steps)}", file=sys.stderr, flush=True)
 if master:
-    print(f"{len(prompts)} prompts from {len({p.spec.family_id for p in prompts})} families, "
+    num_families = len({p.spec.family_id for p in prompts})
+    print(f"{len(prompts)} prompts from {num_families} famil{'y' if num_families == 1 else 'ies'}, "
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
           f"{max_steps} steps")
 
