@@ -341,3 +341,53 @@ def get_split(
         for i in keep:
             specs.append(PromptSpec(fid, tuple(grid_point_to_params(fid, points[i]).items())))
     return specs
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters drawn inside the training ranges (not the paper's: calft.train --param-draws)
+
+def _geometric_axis(axis: tuple) -> bool:
+    """True for an axis written log[a,b]xk (positive, constant ratio), so draws are log-uniform."""
+    v = np.asarray(axis, dtype=float)
+    if v.size < 3 or v.min() <= 0:
+        return False
+    ratios = v[1:] / v[:-1]
+    return bool(np.allclose(ratios, ratios[0], rtol=1e-2)) and not np.allclose(np.diff(v), v[1] - v[0], rtol=1e-2)
+
+
+def drawn_train_specs(family_id: str, count: int, seed: int = 0) -> list[PromptSpec]:
+    """`count` prompts at parameters drawn at random inside the box of a family's training grid.
+
+    Each grid axis is drawn independently: log-uniformly between its ends where the axis is
+    geometric (log[a,b]xk), uniformly otherwise; counts are rounded and every value snapped to the
+    printed 4 significant digits, as the grids are. A draw that equals a prompt of the train grid or
+    of any test split (compared as printed prompt parameters) is dropped and drawn again, so the
+    test splits stay unseen. Deterministic in (family_id, count, seed).
+    """
+    fid = get_family(family_id).id
+    grid = GRIDS[fid].get("train")
+    if grid is None:
+        raise ValueError(f"family {fid!r} has no training grid")
+    if count <= 0:
+        return []
+    counts = {p.name for p in get_family(fid).params if p.integer}
+    taken = {sp for split in ("train", "test_unseen_params", "test_within_range", "test_selected")
+             for sp in get_split(split, families=[fid], max_specs=10 ** 9 if split != "test_selected" else None)}
+    rng = np.random.default_rng([seed, *fid.encode()])
+    specs: list[PromptSpec] = []
+    for _ in range(100 * count):
+        if len(specs) == count:
+            break
+        point = {}
+        for name, axis in zip(grid.names, grid.axes):
+            lo, hi = float(min(axis)), float(max(axis))
+            v = math.exp(rng.uniform(math.log(lo), math.log(hi))) if _geometric_axis(axis) else rng.uniform(lo, hi)
+            point[name] = int(round(v)) if name in counts else snap_number(v)
+        try:
+            spec = PromptSpec(fid, tuple(grid_point_to_params(fid, point).items()))
+        except ValueError:  # a combination the family refuses (none inside a valid training box so far)
+            continue
+        if spec not in taken:
+            taken.add(spec)
+            specs.append(spec)
+    return specs

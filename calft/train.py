@@ -54,7 +54,7 @@ from calft.models import (DEFAULT_MODEL, add_lora, check_model_files, check_trai
                           decoder, load_model, load_tokenizer)
 from calft.precision import PRECISIONS, autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import REASONING_EFFORTS, set_reasoning_effort, terminator_ids  # noqa: E402
-from calft.splits import SPLITS, get_split  # noqa: E402
+from calft.splits import SPLITS, drawn_train_specs, get_split  # noqa: E402
 from calft.support import MAX_BINS, MAX_DECIMALS  # noqa: E402
 from calft.train_eval import evaluate_after_training  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
@@ -78,6 +78,9 @@ class TrainConfig:
     train_split: str = knob("train", "prompt split to train on", SPLITS)
     families: str = knob("", "comma-separated family ids to train on; '' = every family of the split")
     max_prompts_per_family: int = knob(-1, "evenly subsample each family to at most this many prompts; -1 = all")
+    param_draws: int = knob(0, "extra training prompts per family at parameters drawn at random inside its "
+                            "training grid's ranges (log-uniform on log-spaced axes; never a grid or test "
+                            "prompt); 0 = the paper's grid only (docs/calibration.md)")
     family_balance: bool = knob(False, "each family fills as much of an epoch as the largest (smaller "
                                 "families' prompts repeat), not a share set by the size of its grid")
     num_decimals: int = knob(5, "decimals of continuous answers (integers: none)")
@@ -217,6 +220,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag(key)} must be in [0, {MAX_DECIMALS}], got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.param_draws < 0:
+        raise ValueError(f"--param-draws must be >= 0 (0 = the grid only), got {cfg.param_draws}")
+    if cfg.param_draws and cfg.train_split != "train":
+        raise ValueError(f"--param-draws draws inside the train split's grids; --train-split is {cfg.train_split!r}")
     if cfg.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
     for split in cfg.eval_split.split(",") + comma_list(cfg.eval_exact_split):  # an empty item is an error here too
@@ -272,6 +279,9 @@ try:  # every flag, the split and the model's layout before anything is written 
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
     specs = get_split(cfg.train_split, families=families,
                       max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
+    if cfg.param_draws:  # denser parameters inside the same ranges; the test splits stay unseen
+        specs += [sp for fid in dict.fromkeys(sp.family_id for sp in specs)
+                  for sp in drawn_train_specs(fid, cfg.param_draws, seed=cfg.seed)]
     tree_batches = cfg.mode == "trie" or cfg.share_prompt  # one tree item per prompt: the batch counts prompts
     items_per_epoch = (epoch_size([sp.family_id for sp in specs], balance_families=cfg.family_balance)
                        * (1 if tree_batches else cfg.samples_per_prompt))

@@ -203,3 +203,34 @@ def test_every_grid_point_is_valid():
                 params = grid_point_to_params(fid, point)
                 dist = get_family(fid).frozen(params)
                 assert np.isfinite(dist.ppf(0.5)), (fid, params)
+
+
+def test_drawn_train_specs_stay_inside_the_training_box_and_off_every_test_prompt():
+    """calft.train --param-draws: draws inside each axis's training range, log-uniform on geometric
+    axes (scipy's loguniform as the oracle), uniform on linear ones, counts as integers, never a
+    grid or test prompt, deterministic in the seed."""
+    from scipy import stats
+
+    from calft.splits import drawn_train_specs
+
+    specs = drawn_train_specs("beta_binomial", 2000, seed=3)
+    assert len(specs) == len(set(specs)) == 2000
+    assert specs == drawn_train_specs("beta_binomial", 2000, seed=3)
+    assert specs != drawn_train_specs("beta_binomial", 2000, seed=4)
+    n = np.array([s.params_dict["n"] for s in specs])
+    alpha = np.array([s.params_dict["alpha"] for s in specs])
+    assert n.dtype.kind == "i" and n.min() == 10 and n.max() == 30  # the grid's n: 10, 20, 30
+    assert alpha.min() >= 0.5 and alpha.max() <= 5
+    assert stats.kstest(alpha, stats.loguniform(0.5, 5).cdf).pvalue > 1e-3  # log-uniform, not uniform
+    assert stats.kstest(alpha, stats.uniform(0.5, 4.5).cdf).pvalue < 1e-6
+    unseen = {sp for split in ("train", "test_unseen_params", "test_within_range", "test_selected")
+              for sp in get_split(split, families=["beta_binomial", "hypergeometric"], max_specs=None)}
+    # hypergeometric's prompt parameters are integers: draws collide with test prompts often, and are redrawn
+    hyper = drawn_train_specs("hypergeometric", 300, seed=0)
+    assert len(hyper) == 300 and not unseen.intersection(specs + hyper)
+    for sp in hyper:
+        M, K, N = (sp.params_dict[k] for k in ("M", "K", "N"))
+        assert 30 <= M <= 80 and 5 <= N <= 15 and round(0.2 * M) - 1 <= K <= round(0.8 * M) + 1
+    assert drawn_train_specs("gaussian", 0) == []
+    with pytest.raises(ValueError, match="no training grid"):
+        drawn_train_specs("weibull", 5)  # a held-out family

@@ -322,6 +322,19 @@ def test_hard_mode_trains(tiny_model_dir, tmp_path, env):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_param_draws_add_drawn_prompts_to_the_grid(tiny_model_dir, tmp_path, capsys):
+    """--param-draws 3: each family trains on its 4 grid prompts plus the 3 drawn prompts that
+    calft.splits.drawn_train_specs gives for the run's seed (the startup line counts them)."""
+    from calft.splits import drawn_train_specs
+
+    out = tmp_path / "draws"
+    run_inline(tiny_args(tiny_model_dir, out, "--param-draws", "3", "--seed", "5"), tmp_path / "cache")
+    startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
+    assert len(drawn_train_specs("gaussian", 3, seed=5)) == len(drawn_train_specs("binomial", 3, seed=5)) == 3
+    assert startup and startup[0].startswith("14 prompts from 2 families"), startup
+    assert json.loads((out / "config.json").read_text())["param_draws"] == 3
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: a clear one-line error, exit status 2, before any model is loaded or data prepared
 
@@ -372,6 +385,8 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "eval_bins_0": (["--eval-bins", "0"], "--eval-bins must be >= 1"),
     "eval_split_typo": (["--eval-split", "test_within_range,test_selectd"], "unknown split 'test_selectd'"),
     "eval_samples_negative": (["--eval-samples", "-3"], "--eval-samples must be >= 0"),
+    "param_draws_negative": (["--param-draws", "-2"], "--param-draws must be >= 0"),
+    "param_draws_off_train": (["--param-draws", "4", "--train-split", "test_selected"], "draws inside the train split"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
     "snapshot_not_a_step": (["--snapshot-steps", "3,ten"], "comma-separated step numbers"),
     "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
