@@ -69,7 +69,7 @@ class TrainConfig:
     model: str = knob(DEFAULT_MODEL, "HF model id, local directory, or the embedded alias")
     reasoning_effort: str = knob("low", "reasoning level gpt-oss's template renders (paper: low)", REASONING_EFFORTS)
     recipe: str = knob("quick", "sets the defaults of the other flags (docs/method.md, section 'Recipes'); flags "
-                       "given explicitly override it", ("quick", "long", "paper-soft", "paper-hard"))
+                       "given explicitly override it", ("quick", "long", "long-dense", "paper-soft", "paper-hard"))
     mode: str = knob("soft", "soft = trie targets along sampled strings; hard = cross-entropy on "
                      "sampled strings; trie = every trie node of a prompt in one tree-attention "
                      "forward, weighted to the exact expected soft loss (--batch-size counts prompts)",
@@ -159,6 +159,9 @@ RECIPES = {
     "quick": _QUICK,
     "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "family_balance": True,
              "checkpoint_interval": 50},
+    # twice long's steps plus 121 prompts per family drawn between the grid points: every family follows
+    "long-dense": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 1920, "family_balance": True,
+                   "param_draws": 121, "checkpoint_interval": 50},
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
