@@ -67,7 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for scoring (0 = default)")
     p.add_argument("--reference", action="append", default=[], metavar="LABEL=RUN_DIR",
                    help="a finished `python -m calft.train` run (annealed, evaluated on test_within_range at "
-                        "the same settings) drawn as its own point, from its eval.json and summary.json; repeatable")
+                        "the same settings) drawn as its own point, from its eval.json and summary.json, or the "
+                        "--output-dir of `python -m calft.eval --no-base --adapter RUN` on test_within_range at "
+                        "the same settings (a run trained with --no-eval); repeatable")
     p.add_argument("--plot-only", action="store_true", help="redraw --plot from the rows in --output (plus any "
                    "--reference) without training or scoring")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "calibration_curve.json"),
@@ -83,8 +85,9 @@ def parse_args(argv=None):
     args.references = []
     for ref in args.reference:
         label, sep, run_dir = ref.partition("=")
-        if not sep or not label or not (Path(run_dir) / "eval.json").is_file():
-            p.error(f"--reference {ref!r}: expected LABEL=RUN_DIR of a calft.train run with eval.json")
+        if not sep or not label or not ((Path(run_dir) / "eval.json").is_file() or _eval_output(Path(run_dir))):
+            p.error(f"--reference {ref!r}: expected LABEL=RUN_DIR of a calft.train run with eval.json, or "
+                    "LABEL=DIR of a calft.eval output with one adapter")
         args.references.append((label, Path(run_dir)))
     args.run_dir = str(Path(args.run_dir).resolve())  # calft.train runs from the repository root
     args.train_extra = train_extra
@@ -142,13 +145,37 @@ def tuned_row(model: str, step: int, minutes: float, tracking: dict, exact: dict
             "families_below_slope": len(slow), "family_slopes": slopes, "missed": missed, "targets_missed": len(missed)}
 
 
+def _eval_output(path: Path) -> dict | None:
+    """calft.eval's summary.json in `path` when it scored one adapter on test_within_range, else None."""
+    try:
+        ev = json.loads((path / "summary.json").read_text())
+        tuned = [lab for lab in ev["models"] if lab != "base"]
+        ok = len(tuned) == 1 and tuned[0] in ev["tracking"]["test_within_range"]
+        return ev if ok and (Path(ev["models"][tuned[0]]) / "summary.json").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _nan_for_null(value):
+    if isinstance(value, dict):
+        return {k: _nan_for_null(v) for k, v in value.items()}
+    return float("nan") if value is None else value
+
+
 def reference_row(label: str, run_dir: Path) -> dict:
-    """The end-of-training evaluation of a finished calft.train run, as a curve row."""
+    """A finished calft.train run as a curve row: its end-of-training evaluation (eval.json), or a
+    calft.eval output that scored its adapter; training minutes from the run's summary.json."""
     split = "test_within_range"
-    ev = json.loads((run_dir / "eval.json").read_text())["splits"][split]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {**tuned_row(label, summary["steps"], summary["train_time_s"] / 60, ev["finetuned_tracking"], ev["finetuned"]),
-            "reference": str(run_dir)}
+    if (run_dir / "eval.json").is_file():
+        ev = json.loads((run_dir / "eval.json").read_text())["splits"][split]
+        tracking, exact, train_dir = ev["finetuned_tracking"], ev["finetuned"], run_dir
+    else:
+        ev = _eval_output(run_dir)
+        tuned = next(lab for lab in ev["models"] if lab != "base")
+        tracking, exact, train_dir = ev["tracking"][split][tuned], ev["splits"][split][tuned], Path(ev["models"][tuned])
+        tracking = _nan_for_null(tracking)  # calft.eval writes NaN (e.g. Student t's slope) as null
+    summary = json.loads((train_dir / "summary.json").read_text())
+    return {**tuned_row(label, summary["steps"], summary["train_time_s"] / 60, tracking, exact), "reference": str(run_dir)}
 
 
 def row_metrics(tracking: dict, exact: dict) -> dict:

@@ -76,3 +76,16 @@ def test_reference_runs_are_drawn_from_their_own_evaluation(tiny_model_dir, tmp_
     assert (tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # not LABEL=RUN_DIR of a finished run: an argparse error
         calibration_curve.main(["--plot-only", "--reference", str(run), "--output", str(curve)])
+    # the same adapter scored by calft.eval (a run trained with --no-eval): the same row
+    from calft import eval as calft_eval
+
+    calft_eval.main(["--model", str(tiny_model_dir), "--adapter", str(run), "--no-base", "--families", "gaussian,binomial",
+                     "--eval-split", "test_within_range", "--eval-prompts-per-family", "2", "--eval-decimals", "1",
+                     "--eval-bins", "40", "--metrics", "exact", "--no-plots", "--no-progress",
+                     "--output-dir", str(tmp_path / "scored")])
+    result = calibration_curve.main(["--plot-only", "--reference", f"tiny={tmp_path / 'scored'}", "--output", str(curve),
+                                     "--plot", str(tmp_path / "curve.png")])
+    again = result["rows"][1]
+    assert again["step"] == 2 and again["minutes"] == ref["minutes"]
+    assert again["support_mass"] == pytest.approx(ref["support_mass"], rel=1e-6)
+    assert again["location_r2"] == pytest.approx(ref["location_r2"], rel=1e-6, nan_ok=True)
