@@ -372,16 +372,17 @@ def drawn_train_specs(family_id: str, count: int, seed: int = 0) -> list[PromptS
         return []
     counts = {p.name for p in get_family(fid).params if p.integer}
     taken = {sp for split in ("train", "test_unseen_params", "test_within_range", "test_selected")
-             for sp in get_split(split, families=[fid], max_specs=10 ** 9 if split != "test_selected" else None)}
+             for sp in get_split(split, families=[fid], max_specs=10 ** 9)}  # every point, no cap
+    # per axis: (name, low, high, drawn in log space)
+    axes = [(name, float(min(axis)), float(max(axis)), _geometric_axis(axis)) for name, axis in zip(grid.names, grid.axes)]
     rng = np.random.default_rng([seed, *fid.encode()])
     specs: list[PromptSpec] = []
     for _ in range(100 * count):
         if len(specs) == count:
             break
         point = {}
-        for name, axis in zip(grid.names, grid.axes):
-            lo, hi = float(min(axis)), float(max(axis))
-            v = math.exp(rng.uniform(math.log(lo), math.log(hi))) if _geometric_axis(axis) else rng.uniform(lo, hi)
+        for name, lo, hi, geometric in axes:
+            v = math.exp(rng.uniform(math.log(lo), math.log(hi))) if geometric else rng.uniform(lo, hi)
             point[name] = int(round(v)) if name in counts else snap_number(v)
         try:
             spec = PromptSpec(fid, tuple(grid_point_to_params(fid, point).items()))
