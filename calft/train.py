@@ -155,13 +155,12 @@ _QUICK = dict(mode="soft", share_prompt=True, samples_per_prompt=4, trie_pack=Tr
               max_prompts_per_family=32, max_steps=240, off_support_weight=1.0, batch_size=8, micro_batch_size=8,
               lr=1.5e-3, warmup_frac=0.05, lora_dropout=0.0, lora_targets="all-linear", checkpoint_interval=25,
               eval_decimals=1, eval_bins=1001, eval_samples=100)
+_LONG = {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "family_balance": True, "checkpoint_interval": 50}
 RECIPES = {
     "quick": _QUICK,
-    "long": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "family_balance": True,
-             "checkpoint_interval": 50},
+    "long": _LONG,
     # twice long's steps plus 121 prompts per family drawn between the grid points: every family follows
-    "long-dense": {**_QUICK, "max_prompts_per_family": -1, "max_steps": 1920, "family_balance": True,
-                   "param_draws": 121, "checkpoint_interval": 50},
+    "long-dense": {**_LONG, "max_steps": 1920, "param_draws": 121},
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
