@@ -139,41 +139,35 @@ def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
 def tuned_row(model: str, step: int, minutes: float, tracking: dict, exact: dict) -> dict:
     """One fine-tuned model's row: the curve metrics and the calibration targets it missed."""
     missed = missed_targets(tracking)  # test_within_range: the base model is not sampled (it answers in prose)
-    slopes = {f: m.get("sample_location_slope") for f, m in tracking.get("per_family", {}).items()}
-    slow = sorted(f for f, v in slopes.items() if v is not None and v == v and v < FAMILY_SLOPE_TARGET)
+    slopes = {f: float("nan") if m.get("sample_location_slope") is None else m["sample_location_slope"]
+              for f, m in tracking.get("per_family", {}).items()}  # not measured: NaN (calft.eval's JSON has null)
+    slow = sorted(f for f, v in slopes.items() if v < FAMILY_SLOPE_TARGET)  # NaN is not below
     return {"model": model, "step": step, "minutes": minutes, **row_metrics(tracking, exact),
             "families_below_slope": len(slow), "family_slopes": slopes, "missed": missed, "targets_missed": len(missed)}
 
 
-def _eval_output(path: Path) -> dict | None:
-    """calft.eval's summary.json in `path` when it scored one adapter on test_within_range, else None."""
+def _eval_output(path: Path) -> tuple[dict, dict, Path] | None:
+    """(tracking, exact, adapter run dir) from calft.eval's summary.json in `path` when it scored one
+    adapter (a calft.train run) on test_within_range, else None."""
+    split = "test_within_range"
     try:
         ev = json.loads((path / "summary.json").read_text())
         tuned = [lab for lab in ev["models"] if lab != "base"]
-        ok = len(tuned) == 1 and tuned[0] in ev["tracking"]["test_within_range"]
-        return ev if ok and (Path(ev["models"][tuned[0]]) / "summary.json").is_file() else None
+        if len(tuned) != 1 or not (Path(ev["models"][tuned[0]]) / "summary.json").is_file():
+            return None
+        return ev["tracking"][split][tuned[0]], ev["splits"][split][tuned[0]], Path(ev["models"][tuned[0]])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _nan_for_null(value):
-    if isinstance(value, dict):
-        return {k: _nan_for_null(v) for k, v in value.items()}
-    return float("nan") if value is None else value
 
 
 def reference_row(label: str, run_dir: Path) -> dict:
     """A finished calft.train run as a curve row: its end-of-training evaluation (eval.json), or a
     calft.eval output that scored its adapter; training minutes from the run's summary.json."""
-    split = "test_within_range"
     if (run_dir / "eval.json").is_file():
-        ev = json.loads((run_dir / "eval.json").read_text())["splits"][split]
+        ev = json.loads((run_dir / "eval.json").read_text())["splits"]["test_within_range"]
         tracking, exact, train_dir = ev["finetuned_tracking"], ev["finetuned"], run_dir
     else:
-        ev = _eval_output(run_dir)
-        tuned = next(lab for lab in ev["models"] if lab != "base")
-        tracking, exact, train_dir = ev["tracking"][split][tuned], ev["splits"][split][tuned], Path(ev["models"][tuned])
-        tracking = _nan_for_null(tracking)  # calft.eval writes NaN (e.g. Student t's slope) as null
+        tracking, exact, train_dir = _eval_output(run_dir)
     summary = json.loads((train_dir / "summary.json").read_text())
     return {**tuned_row(label, summary["steps"], summary["train_time_s"] / 60, tracking, exact), "reference": str(run_dir)}
 
