@@ -15,7 +15,7 @@ import numpy as np
 from calft.fileio import write_atomic
 from calft.plots import plot_tracking
 from calft.scoring import SUMMARY_METRICS
-from calft.tracking import SUMMARY_KEYS, missed_targets
+from calft.tracking import SUMMARY_KEYS, missed_targets, targets_verdict
 
 
 def format_number(x) -> str:
@@ -104,8 +104,7 @@ def format_split_summary(split: str, num_prompts: int, num_decimals: int, max_bi
         worse = exact_worse_than_base(exact)
         if worse:  # information, not a target: the base model puts most of its mass off the support
             text += f"exact seq_kl_renorm (renormalized on the support) above the base model's: {', '.join(worse)}\n"
-    return text + ("" if misses is None else f"targets missed: {'; '.join(misses)}" if misses
-                   else "all calibration targets met")
+    return text + ("" if misses is None else targets_verdict(misses, split))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -164,7 +163,7 @@ def write_report(path: Path, args, summaries: dict, tracking: dict, benchmarks: 
                 misses = missed_targets(tr, base_tr if label != "base" else None, split=split)
                 lines += [f"Sampled, per family ({label}, {args.eval_samples} samples per prompt; perfect_*: "
                           "a perfect sampler's slope and KS at that sample size):", "", format_family_table(tr), "",
-                          f"targets missed: {'; '.join(misses)}" if misses else "all calibration targets met", ""]
+                          targets_verdict(misses, split), ""]
         if split in plots["tracking"]:
             lines += [f"![model vs target mean and sd per family]({plots['tracking'][split]})", ""]
         if any("support_mass" in m for m in by_model.values()):

@@ -265,3 +265,13 @@ def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: 
         if worse:
             missed.append(f"sampled KS of every answer above the base model's for {', '.join(worse)}")
     return missed
+
+
+def targets_verdict(misses: list[str], split: str) -> str:
+    """The line that closes a split's report: the targets missed (missed_targets), or which targets held.
+    On BASE_COMPARISON_SPLIT only the comparison with the base model applies, so 'all met' would overstate."""
+    if misses:
+        return f"targets missed: {'; '.join(misses)}"
+    if split == BASE_COMPARISON_SPLIT:
+        return "all calibration targets met on this split (here: no family's sampled KS above the base model's)"
+    return "all calibration targets met"

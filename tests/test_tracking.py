@@ -172,3 +172,13 @@ def test_missed_targets_names_every_miss():
             "per_family": {"a": {"sample_location_slope": 0.7, "median_sample_ks_all": 0.99}}}
     assert missed_targets(good, base) == []  # equal to the base's is not worse
     assert missed_targets({"sample_location_r2": float("nan")}) == []  # unmeasured: no claim
+
+
+def test_targets_verdict_says_which_targets_a_split_holds():
+    from calft.tracking import targets_verdict
+
+    assert targets_verdict(["in_support_rate 0.9 (target >= 0.95)"], "test_within_range") == \
+        "targets missed: in_support_rate 0.9 (target >= 0.95)"
+    assert targets_verdict([], "test_within_range") == "all calibration targets met"
+    # test_selected holds only the comparison with the base: its verdict must not read as 'every target met'
+    assert targets_verdict([], "test_selected").startswith("all calibration targets met on this split (here: no family")
