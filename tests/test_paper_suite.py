@@ -25,10 +25,11 @@ def save_tiny_adapter(model_dir, out_dir, seed=0):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from calft.models import load_model
+    from calft.models import load_model, quiet_peft
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_model(str(model_dir)), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with quiet_peft():
+        model = get_peft_model(load_model(str(model_dir)), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)

@@ -106,9 +106,10 @@ def assert_same_tensors(adapter_a, adapter_b):
 def load_adapter(model_dir, adapter_dir):
     from peft import PeftModel
 
-    from calft.models import load_model
+    from calft.models import load_model, quiet_peft
 
-    return PeftModel.from_pretrained(load_model(str(model_dir)), str(adapter_dir)).eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(load_model(str(model_dir)), str(adapter_dir)).eval()
 
 
 @pytest.fixture(scope="module")
