@@ -4,7 +4,7 @@
     python -m benchmarks.precision --threads 2 --repeats 6
     python -m benchmarks.precision --adapter runs/quick    # sample from a trained adapter (short answers)
 
-1. A training step of the quick recipe (settings read from calft/train.py: _QUICK over TrainConfig's
+1. A training step of the quick recipe (settings from calft/train_config.py: the quick recipe over TrainConfig's
    defaults): its first batches (calft.data, calft.batching.build_tree_batch: share_prompt, trie_pack,
    samples_per_prompt), SoftTargetKLLoss(autocast_dtype=None or bf16, off_support_weight), backward,
    clipping and AdamW, timed together; step s uses batch s in both precisions. Two model copies
@@ -26,10 +26,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as calft.train: shared cores
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -37,26 +37,15 @@ import torch  # noqa: E402
 from benchmarks.common import format_table, machine_info, write_json  # noqa: E402
 from calft.models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer, quiet_peft  # noqa: E402
 from calft.precision import cpu_bf16_features  # noqa: E402
+from calft.train_config import RECIPES, TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def quick_recipe() -> dict:
-    """calft.train's quick-recipe settings: TrainConfig's literal knob defaults, then _QUICK. Read from
-    the source (calft.train is a script: importing it would run a training)."""
-    tree, cfg = ast.parse((ROOT / "calft" / "train.py").read_text()), {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
-            for f in node.body:
-                if isinstance(f, ast.AnnAssign) and isinstance(f.value, ast.Call):
-                    try:
-                        cfg[f.target.id] = ast.literal_eval(f.value.args[0])
-                    except ValueError:  # a name (DEFAULT_MODEL): not a literal
-                        pass
-        elif isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_QUICK":
-            cfg.update({k.arg: ast.literal_eval(k.value) for k in node.value.keywords})
-    return cfg
+    """calft.train's quick-recipe settings: TrainConfig's defaults, then the quick recipe's."""
+    return asdict(TrainConfig(**RECIPES["quick"]))
 
 
 def interleaved(calls: dict, repeats: int) -> dict:
