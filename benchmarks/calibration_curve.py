@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 from benchmarks.common import format_table, machine_info  # noqa: E402
 from calft.cli import comma_list  # noqa: E402
-from calft.tracking import FAMILY_SLOPE_TARGET, TARGETS, missed_targets  # noqa: E402
+from calft.tracking import FAMILY_SLOPE_TARGET, TARGETS, measured, missed_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = "96,160,320,480,640,960"
@@ -139,8 +139,8 @@ def curve_rows(args, snapshots: dict[int, Path], scored: dict) -> list[dict]:
 def tuned_row(model: str, step: int, minutes: float, tracking: dict, exact: dict) -> dict:
     """One fine-tuned model's row: the curve metrics and the calibration targets it missed."""
     missed = missed_targets(tracking)  # test_within_range: the base model is not sampled (it answers in prose)
-    slopes = {f: float("nan") if m.get("sample_location_slope") is None else m["sample_location_slope"]
-              for f, m in tracking.get("per_family", {}).items()}  # not measured: NaN (calft.eval's JSON has null)
+    slopes = {f: measured(m, "sample_location_slope")  # not measured: NaN (calft.eval's JSON has null)
+              for f, m in tracking.get("per_family", {}).items()}
     slow = sorted(f for f, v in slopes.items() if v < FAMILY_SLOPE_TARGET)  # NaN is not below
     return {"model": model, "step": step, "minutes": minutes, **row_metrics(tracking, exact),
             "families_below_slope": len(slow), "family_slopes": slopes, "missed": missed, "targets_missed": len(missed)}

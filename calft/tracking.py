@@ -228,7 +228,7 @@ FAMILY_SLOPE_TARGET = 0.7  # every family's sample_location_slope at least this
 BASE_COMPARISON_SPLIT = "test_selected"  # its one prompt per family is held against the base model only
 
 
-def _measured(metrics: dict, key: str, missing: float = float("nan")) -> float:
+def measured(metrics: dict, key: str, missing: float = float("nan")) -> float:
     """metrics[key], or `missing` where it was not measured: absent, or None as JSON writes NaN."""
     value = metrics.get(key)
     return missing if value is None else value
@@ -236,7 +236,7 @@ def _measured(metrics: dict, key: str, missing: float = float("nan")) -> float:
 
 def _perfect_note(family: dict) -> str:
     """The perfect sampler's slope on the same prompts, which a slow family's slope is read against."""
-    ps = _measured(family, "perfect_location_slope")
+    ps = measured(family, "perfect_location_slope")
     return f" (perfect sampler {ps:.2f})" if ps == ps else ""
 
 
@@ -255,13 +255,13 @@ def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: 
             missed.append(f"{key} {value:.3g} (target {op} {bound})")
     fams = tracking.get("per_family", {})
     slow = [f"{f} {m['sample_location_slope']:.2f}" + _perfect_note(m) for f, m in fams.items()
-            if split != BASE_COMPARISON_SPLIT and _measured(m, "sample_location_slope") < FAMILY_SLOPE_TARGET]
+            if split != BASE_COMPARISON_SPLIT and measured(m, "sample_location_slope") < FAMILY_SLOPE_TARGET]
     if slow:
         missed.append(f"sampled slope below {FAMILY_SLOPE_TARGET} for {', '.join(slow)}")
     if base_tracking is not None:
-        base_ks = {f: _measured(m, "median_sample_ks_all", float("inf")) for f, m in base_tracking.get("per_family", {}).items()}
+        base_ks = {f: measured(m, "median_sample_ks_all", float("inf")) for f, m in base_tracking.get("per_family", {}).items()}
         worse = [f"{f} {m['median_sample_ks_all']:.2f} vs {base_ks[f]:.2f}" for f, m in fams.items()
-                 if _measured(m, "median_sample_ks_all") > base_ks.get(f, float("inf"))]
+                 if measured(m, "median_sample_ks_all") > base_ks.get(f, float("inf"))]
         if worse:
             missed.append(f"sampled KS of every answer above the base model's for {', '.join(worse)}")
     return missed
