@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 from calft import open_ended  # noqa: E402
-from calft.checkpoint import RUN_MARKER, is_run  # noqa: E402
+from calft.run_dir import RUN_MARKER, is_run  # noqa: E402
 from calft.cli import add_flags, comma_list, knob  # noqa: E402
 from calft.precision import PRECISIONS, autocast_dtype  # noqa: E402
 from calft.precision import describe as describe_precision  # noqa: E402

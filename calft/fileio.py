@@ -3,7 +3,7 @@ advisory locks between processes, and the one way calft writes a file: a temp fi
 folder, fsync, rename (readers and a kill at any moment see the old file or the new one, never a
 partial one), refusing symbolic links and paths that resolve outside the folder they must stay in.
 
-Nothing here knows about calft's data: data.py, models.py, checkpoint.py, plots.py and the CLIs
+Nothing here knows about calft's data: data.py, models.py, run_dir.py, checkpoint.py, plots.py and the CLIs
 import it, never the other way round.
 """
 from __future__ import annotations

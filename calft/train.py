@@ -15,7 +15,7 @@ and schedule, one training loop, evaluation (calft.train_eval, calft.eval's code
 objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
 calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability (calft/checkpoint.py): checkpoints every --checkpoint-interval steps, at the end, on
+Reliability (calft/run_dir.py, calft/checkpoint.py): checkpoints every --checkpoint-interval steps, at the end, on
 SIGINT/SIGTERM (exit status 128 + signal) and on a non-finite loss (exit 3); --resume continues bit
 for bit at the same thread count; bad flags fail before any work (exit 2); one process per run dir.
 Scale-out: DDP or FSDP2 (--fsdp: one fully_shard unit per block); each rank takes a slice of every
@@ -43,7 +43,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from calft import checkpoint, fileio  # noqa: E402
+from calft import checkpoint, fileio, run_dir  # noqa: E402
 from calft.batching import (build_batch, build_tree_batch, epoch_plan, epoch_size, global_num_positions,  # noqa: E402
                             micro_batches, step_items, steps_per_epoch)
 from calft.cli import comma_list  # noqa: E402
@@ -69,7 +69,7 @@ cfg = parse_config()
 def fail(message: str, status: int = 2):
     """A one-line error, no traceback; status 2 = bad input (before any work), 1 = a fault in the run."""
     print(f"calft.train: error: {message}", file=sys.stderr, flush=True)
-    checkpoint.release_locks()
+    fileio.release_locks()
     sys.exit(status)
 
 
@@ -127,17 +127,17 @@ if cfg.batch_size % (cfg.micro_batch_size * world_size):
 grad_accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
 autocast_dtype = precision_dtype(device.type, cfg.precision)  # bf16 where native; LoRA weights and loss stay fp32
 
-# The run directory (calft.checkpoint.claim_run_dir): only a directory calft started a run in (its
+# The run directory (calft.run_dir.claim_run_dir): only a directory calft started a run in (its
 # marker) is reused, resumed or overwritten; one process at a time (an flock held until exit).
 out_dir = Path(cfg.output_dir)
-ckpt_dir = out_dir / checkpoint.CKPT
+ckpt_dir = out_dir / run_dir.CKPT
 metrics_path = out_dir / "metrics.jsonl"
 claimed = None  # "new", "resume" or "finished" (rank 0)
 if master:
     try:
-        claimed = checkpoint.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume,
+        claimed = run_dir.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume,
                                            overwrite=cfg.overwrite, max_steps=max_steps, defaults=asdict(TrainConfig()))
-    except (checkpoint.RunDirError, OSError) as err:  # OSError: the marker or config.json on a full disk
+    except (run_dir.RunDirError, OSError) as err:  # OSError: the marker or config.json on a full disk
         fail(fileio.describe_error(err), 1 + isinstance(err, ValueError))
     print(json.dumps(asdict(cfg), indent=2))
     print(f"processes: {world_size}, device: {device}, gradient accumulation: {grad_accum}; "
@@ -269,7 +269,7 @@ if cfg.resume and ckpt_dir.exists():  # validated, restored with the RNG states;
     last_loss, segment = state["loss"], state["segments"] + 1
     if master and claimed != "finished":
         with disk_fault(metrics_path):  # steps logged after that checkpoint are redone
-            checkpoint.truncate_metrics(metrics_path, step)
+            run_dir.truncate_metrics(metrics_path, step)
 elif master and claimed != "finished":
     metrics_path.unlink(missing_ok=True)  # steps of a run that never checkpointed are redone
 
@@ -278,7 +278,7 @@ def end_processes():
     """Release the run-directory lock; under torchrun, free the DDP/FSDP objects and destroy the
     process group while the interpreter is whole (at shutdown, gloo's threads made ranks SIGABRT)."""
     global wrapped, objective, model, optimizer, trainable
-    checkpoint.release_locks()
+    fileio.release_locks()
     if distributed:
         dist.barrier()
         del wrapped, objective, model, optimizer, trainable
@@ -286,7 +286,7 @@ def end_processes():
         dist.destroy_process_group()
 
 
-if claimed == "finished" or step >= max_steps and checkpoint.finished(out_dir, max_steps):  # written: nothing
+if claimed == "finished" or step >= max_steps and run_dir.finished(out_dir, max_steps):  # written: nothing
     if master:
         print(f"{out_dir} already holds the finished run ({max_steps} steps): nothing to do")
     end_processes()
@@ -419,10 +419,10 @@ if cfg.eval and master and not cfg.fsdp:  # calft.train_eval: calft.eval's code 
     model.eval()
     summary.update(evaluate_after_training(model, tokenizer, cfg, families, out_dir=out_dir, guard=disk_fault,
                                            autocast=(device.type, autocast_dtype) if autocast_dtype else None,
-                                           record=lambda names: checkpoint.record_files(out_dir, names)))
+                                           record=lambda names: run_dir.record_files(out_dir, names)))
 if master:
     summary["process_time_s"] = time.time() - t_launch  # this process: setup + data + training + evaluation
     with disk_fault(out_dir / "summary.json"):  # last: a valid summary.json marks a finished run
-        checkpoint.write_run_file(out_dir, "summary.json", json.dumps(summary, indent=2, default=float))
+        run_dir.write_run_file(out_dir, "summary.json", json.dumps(summary, indent=2, default=float))
     print(f"done: {step} steps in {train_time:.0f} s; adapter, tokenizer, metrics and summary in {out_dir}")
 end_processes()

@@ -371,7 +371,7 @@ if __name__ == "__main__":
     import peft  # noqa: F401
     import importlib
 
-    for name in ("calft.data", "calft.models", "calft.batching", "calft.checkpoint", "calft.tree",
+    for name in ("calft.data", "calft.models", "calft.batching", "calft.run_dir", "calft.checkpoint", "calft.tree",
                  "calft.evaluate", "calft.scoring", "calft.report", "calft.sampling", "calft.tracking",
                  "calft.plots", "matplotlib.pyplot", "torch.distributed.checkpoint.state_dict"):
         try:  # whichever of these the checkout has

@@ -47,7 +47,7 @@ def train_here(args, monkeypatch, capsys, n_threads=1):
     """python -m calft.train in this process: (exit status, stdout, stderr)."""
     import runpy
 
-    from calft.checkpoint import release_locks
+    from calft.fileio import release_locks
 
     monkeypatch.setattr(sys, "argv", ["calft.train", *map(str, args)])
     code = 0

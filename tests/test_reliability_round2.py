@@ -35,7 +35,7 @@ def release_locks():
     try:
         from calft.fileio import release_locks as release
     except ImportError:
-        from calft.checkpoint import release_locks as release
+        from calft.fileio import release_locks as release
     release()
 
 

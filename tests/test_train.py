@@ -63,7 +63,7 @@ def run_inline(args, cache_dir):
     except SystemExit as exc:
         assert exc.code in (0, None), f"calft.train exited with {exc.code}"
     finally:
-        from calft.checkpoint import release_locks
+        from calft.fileio import release_locks
 
         release_locks()  # the run directory's lock, had the script died of an exception
         sys.argv = saved_argv
@@ -340,7 +340,7 @@ def test_param_draws_add_drawn_prompts_to_the_grid(tiny_model_dir, tmp_path, cap
 # bad input: a clear one-line error, exit status 2, before any model is loaded or data prepared
 
 def train_in_process(args, monkeypatch, capsys):
-    from calft.checkpoint import release_locks
+    from calft.fileio import release_locks
 
     monkeypatch.setattr(sys, "argv", ["calft.train", *map(str, args)])
     try:
