@@ -82,13 +82,14 @@ def parse_args(argv=None):
         p.error(f"--snapshot-steps must be comma-separated step numbers, got {args.snapshot_steps!r}")
     if not args.steps or args.steps[0] < 1 or args.steps[-1] > args.max_steps:
         p.error(f"--snapshot-steps must lie in [1, --max-steps={args.max_steps}]")
-    args.references = []
+    args.reference_rows = []  # read now, so a bad --reference fails before the long run
     for ref in args.reference:
         label, sep, run_dir = ref.partition("=")
-        if not sep or not label or not ((Path(run_dir) / "eval.json").is_file() or _eval_output(Path(run_dir))):
+        row = reference_row(label, Path(run_dir)) if sep and label else None
+        if row is None:
             p.error(f"--reference {ref!r}: expected LABEL=RUN_DIR of a calft.train run with eval.json, or "
                     "LABEL=DIR of a calft.eval output with one adapter")
-        args.references.append((label, Path(run_dir)))
+        args.reference_rows.append(row)
     args.run_dir = str(Path(args.run_dir).resolve())  # calft.train runs from the repository root
     args.train_extra = train_extra
     return args
@@ -160,16 +161,23 @@ def _eval_output(path: Path) -> tuple[dict, dict, Path] | None:
         return None
 
 
-def reference_row(label: str, run_dir: Path) -> dict:
+def reference_row(label: str, run_dir: Path) -> dict | None:
     """A finished calft.train run as a curve row: its end-of-training evaluation (eval.json), or a
-    calft.eval output that scored its adapter; training minutes from the run's summary.json."""
-    if (run_dir / "eval.json").is_file():
-        ev = json.loads((run_dir / "eval.json").read_text())["splits"]["test_within_range"]
-        tracking, exact, train_dir = ev["finetuned_tracking"], ev["finetuned"], run_dir
-    else:
-        tracking, exact, train_dir = _eval_output(run_dir)
-    summary = json.loads((train_dir / "summary.json").read_text())
-    return {**tuned_row(label, summary["steps"], summary["train_time_s"] / 60, tracking, exact), "reference": str(run_dir)}
+    calft.eval output that scored its adapter; training minutes from the run's summary.json. None
+    when `run_dir` is neither."""
+    try:
+        if (run_dir / "eval.json").is_file():
+            ev = json.loads((run_dir / "eval.json").read_text())["splits"]["test_within_range"]
+            tracking, exact, train_dir = ev["finetuned_tracking"], ev["finetuned"], run_dir
+        elif (scored := _eval_output(run_dir)) is not None:
+            tracking, exact, train_dir = scored
+        else:
+            return None
+        summary = json.loads((train_dir / "summary.json").read_text())
+        minutes = summary["train_time_s"] / 60
+        return {**tuned_row(label, summary["steps"], minutes, tracking, exact), "reference": str(run_dir)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def row_metrics(tracking: dict, exact: dict) -> dict:
@@ -214,7 +222,7 @@ def main(argv=None) -> dict:
     if args.plot_only:
         result = json.loads(Path(args.output).read_text())
         result["rows"] = [r for r in result["rows"] if "reference" not in r]
-        result["rows"] += [reference_row(label, run_dir) for label, run_dir in args.references]
+        result["rows"] += args.reference_rows
         Path(args.output).write_text(json.dumps(result, indent=1, default=float))
         plot(result["rows"], args.plot)
         print(f"wrote {args.output} and {args.plot}")
@@ -228,7 +236,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"calft.calibration_curve: error: no adapter snapshot in {', '.join(missing)} "
                          "(was the run trained with these --snapshot-steps?)")
     scored = score(args, snapshots)
-    rows = curve_rows(args, snapshots, scored) + [reference_row(label, d) for label, d in args.references]
+    rows = curve_rows(args, snapshots, scored) + args.reference_rows
     columns = [("model", "model", ""), ("minutes", "train min", ".1f")]
     columns += [(k, h, ".3f") for k, _, h in CURVE_METRICS]
     columns += [("families_below_slope", f"families slope < {FAMILY_SLOPE_TARGET}", ""), ("targets_missed", "targets missed", "")]
