@@ -136,7 +136,7 @@ claimed = None  # "new", "resume" or "finished" (rank 0)
 if master:
     try:
         claimed = run_dir.claim_run_dir(out_dir, asdict(cfg), RUN_ONLY_FIELDS, resume=cfg.resume,
-                                           overwrite=cfg.overwrite, max_steps=max_steps, defaults=asdict(TrainConfig()))
+                                        overwrite=cfg.overwrite, max_steps=max_steps, defaults=asdict(TrainConfig()))
     except (run_dir.RunDirError, OSError) as err:  # OSError: the marker or config.json on a full disk
         fail(fileio.describe_error(err), 1 + isinstance(err, ValueError))
     print(json.dumps(asdict(cfg), indent=2))
