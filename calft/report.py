@@ -55,7 +55,7 @@ def format_tracking_table(summaries: dict[str, dict], keys=SUMMARY_KEYS) -> str:
 # the exact metrics calft.train prints per split (family means)
 HEADLINE_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm")
 # the sampled columns per family (calft.tracking): what a user of the model gets
-FAMILY_KEYS = ("num_prompts", "sample_location_slope", "perfect_location_slope", "sample_location_r2",
+FAMILY_KEYS = ("num_prompts", "sample_location_slope", "perfect_location_slope", "perfect_slope_sd", "sample_location_r2",
                "sample_sd_within_2x", "median_sample_ks", "median_perfect_ks", "in_support_rate", "support_violation_rate")
 
 

@@ -39,6 +39,12 @@ that knows each family's typical range but ignores the parameters scores ~0, not
                      vary little against its sds (F: the mean d2/(d2-2) moves 0.4 sd over the
                      grid; Cauchy) one draw of it scatters widely (sd 0.4 at 12 prompts x 100
                      samples: benchmarks/perfect_sampler.py), and so does the model's.
+    perfect_slope_sd = that scatter, by the central limit theorem: with n_i samples per prompt a
+                     perfect sampler's mean errs by e_i ~ N(0, s_i^2 / n_i), so its slope has sd
+                     sqrt(sum w^2 (t - c_w(t))^2 s^2 / n) / sum w (t - c_w(t))^2
+                       = sqrt(sum (t - c_w(t))^2 / (s^2 n)) / sum (t - c_w(t))^2 / s^2.
+                     A model's slope is read against it: F at 12 prompts x 100 samples has 0.40,
+                     so a slope of 0.4 there is as likely a perfect sampler's as a failure.
 The sampled versions (sample_location_r2, sample_location_slope, sample_sd_within_2x) put the
 sample mean and sd in place of the exact model_mean and model_sd; in_support_rate pools every
 sample of every prompt (all samples / all prompts), support_violation_rate likewise for the
@@ -59,8 +65,8 @@ PROMPT_KEYS = ("target_mean", "target_sd", "model_mean", "model_sd", "mean_error
 SAMPLE_KEYS = ("sample_mean", "sample_sd", "sample_mean_error_sd", "sample_ks", "sample_ks_all", "perfect_ks",
                "perfect_mean", "num_valid_samples")
 # sampled first: they are what the model gives (the exact ones are renormalized on the support)
-SAMPLED_SUMMARY_KEYS = ("sample_location_r2", "sample_location_slope", "perfect_location_slope", "sample_sd_within_2x",
-                        "median_sample_ks",
+SAMPLED_SUMMARY_KEYS = ("sample_location_r2", "sample_location_slope", "perfect_location_slope", "perfect_slope_sd",
+                        "sample_sd_within_2x", "median_sample_ks",
                         "median_perfect_ks", "median_sample_ks_all", "in_support_rate", "support_violation_rate",
                         "sample_mean_error_sd")
 EXACT_SUMMARY_KEYS = ("location_r2", "location_slope", "scale_r2", "sd_within_2x", "median_ks", "mean_error_sd")
@@ -154,6 +160,22 @@ def _slope(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, w: np.ndarr
     return num / den if den > VARIES * np.sum(w) else float("nan")
 
 
+def _slope_sd(target: np.ndarray, sd: np.ndarray, groups: np.ndarray, n: np.ndarray) -> float:
+    """The sd of _slope(pred, target, groups, 1/sd^2) when pred = target + N(0, sd^2 / n): a perfect
+    sampler's slope with n samples per prompt (module docstring). NaN where n is not known."""
+    if not np.all(n > 0):
+        return float("nan")
+    var = den = total_w = 0.0
+    for g in np.unique(groups):
+        sel = groups == g
+        w, t = 1.0 / sd[sel] ** 2, target[sel]
+        tc = t - np.dot(w, t) / w.sum()
+        var += float(np.sum(w * tc * tc / n[sel]))
+        den += float(np.sum(w * tc * tc))
+        total_w += float(w.sum())
+    return math.sqrt(var) / den if den > VARIES * total_w else float("nan")
+
+
 def _group_summary(rows: list[dict]) -> dict:
     fam = np.asarray([r["family_id"] for r in rows])
     t_mean = np.asarray([r["target_mean"] for r in rows], dtype=np.float64)
@@ -175,6 +197,7 @@ def _group_summary(rows: list[dict]) -> dict:
         s_mean = np.asarray([r["sample_mean"] for r in rows], dtype=np.float64)
         s_sd = np.asarray([r["sample_sd"] for r in rows], dtype=np.float64)
         p_mean = np.asarray([r.get("perfect_mean", math.nan) for r in rows], dtype=np.float64)
+        n_valid = np.asarray([r.get("num_valid_samples", 0) for r in rows], dtype=np.float64)
         loc = (t_sd > 0) & np.isfinite(s_mean)  # a prompt without a valid sample has no mean: left out
         ok = loc & (s_sd > 0)
         # sd within 2x: every prompt with a target sd counts; no valid sample or all samples equal is a miss
@@ -188,6 +211,7 @@ def _group_summary(rows: list[dict]) -> dict:
                 sample_location_r2=_r2(s_mean[loc], t_mean[loc], fam[loc], t_sd[loc]),
                 sample_location_slope=_slope(s_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
                 perfect_location_slope=_slope(p_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
+                perfect_slope_sd=_slope_sd(t_mean[loc], t_sd[loc], fam[loc], n_valid[loc]),
                 sample_sd_within_2x=float(np.mean(within[has_sd])) if has_sd.any() else float("nan"),
                 median_sample_ks=float(np.nanmedian([r["sample_ks"] for r in rows])),
                 median_perfect_ks=float(np.nanmedian([r.get("perfect_ks", float("nan")) for r in rows])),
@@ -235,9 +259,10 @@ def measured(metrics: dict, key: str, missing: float = float("nan")) -> float:
 
 
 def _perfect_note(family: dict) -> str:
-    """The perfect sampler's slope on the same prompts, which a slow family's slope is read against."""
-    ps = measured(family, "perfect_location_slope")
-    return f" (perfect sampler {ps:.2f})" if ps == ps else ""
+    """The perfect sampler's slope on the same prompts and its sd at this sample size, which a slow
+    family's slope is read against."""
+    ps, sd = measured(family, "perfect_location_slope"), measured(family, "perfect_slope_sd")
+    return f" (perfect sampler {ps:.2f}" + (f", sd {sd:.2f})" if sd == sd else ")") if ps == ps else ""
 
 
 def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: str = "test_within_range") -> list[str]:

@@ -193,6 +193,10 @@ def test_sampled_metrics_against_a_hand_computed_case(coin_model):
     pc = (pa + 2 * pb) / 3
     perfect_slope = ((2 - tc) * (pa - pc) + 2 * (1 - tc) * (pb - pc)) / ((2 - tc) ** 2 + 2 * (1 - tc) ** 2)
     assert s["perfect_location_slope"] == pytest.approx(perfect_slope)
+    # its sd by the CLT: deviations 2/3 and -1/3 from the weighted centre, weights 1 and 2, n_A and n_B
+    # valid samples: sqrt((4/9) / (1 n_A) + (1/9) / ((1/2) n_B)) / (1 (4/9) + 2 (1/9))
+    n_a, n_b = a["num_valid_samples"], b["num_valid_samples"]
+    assert s["perfect_slope_sd"] == pytest.approx(math.sqrt(4 / (9 * n_a) + 2 / (9 * n_b)) / (2 / 3))
     # sd within 2x: A when 2 sqrt(f(1-f)) is in [1/2, 2]; B never (all valid samples equal)
     in_a = 0.5 <= 2 * math.sqrt(f[0] * (1 - f[0])) <= 2
     assert s["sample_sd_within_2x"] == pytest.approx((int(in_a) + 0) / 2)

@@ -157,12 +157,13 @@ def test_missed_targets_names_every_miss():
                 "in_support_rate": 0.9, "location_r2": 0.5,  # exact R^2: not a target any more
                 "per_family": {"a": {"sample_location_slope": 0.9, "median_sample_ks_all": 0.3},
                                "b": {"sample_location_slope": 0.5, "median_sample_ks_all": 0.6},
-                               "c": {"sample_location_slope": 0.1, "perfect_location_slope": 0.953},
+                               "c": {"sample_location_slope": 0.1, "perfect_location_slope": 0.953,
+                                     "perfect_slope_sd": 0.404},
                                "t": {"sample_location_slope": float("nan")}}}  # no slope (constant targets)
     base = {"per_family": {"a": {"median_sample_ks_all": 0.99}, "b": {"median_sample_ks_all": 0.55}}}
     assert missed_targets(tracking) == [
         "sample_sd_within_2x 0.7 (target >= 0.75)", "in_support_rate 0.9 (target >= 0.95)",
-        "sampled slope below 0.7 for b 0.50, c 0.10 (perfect sampler 0.95)"]
+        "sampled slope below 0.7 for b 0.50, c 0.10 (perfect sampler 0.95, sd 0.40)"]
     # with the base model sampled on the same prompts: b's answers are further from the target than the base's
     worse = "sampled KS of every answer above the base model's for b 0.60 vs 0.55"
     assert missed_targets(tracking, base)[-1] == worse
@@ -182,3 +183,26 @@ def test_targets_verdict_says_which_targets_a_split_holds():
     assert targets_verdict([], "test_within_range") == "all calibration targets met"
     # test_selected holds only the comparison with the base: its verdict must not read as 'every target met'
     assert targets_verdict([], "test_selected").startswith("all calibration targets met on this split (here: no family")
+
+
+def test_perfect_slope_sd_is_the_scatter_of_a_perfect_samplers_slope():
+    """perfect_slope_sd (a closed form) against the sd of the slope over many simulated perfect
+    samplers: each prompt's sample mean = target mean + N(0, sd^2 / n), scored by summarize_tracking."""
+    from calft.tracking import summarize_tracking
+
+    rng = np.random.default_rng(0)
+    t_mean = np.array([1.0, 1.3, 2.0, 2.2, 3.5, 0.2, 0.9])
+    t_sd = np.array([0.5, 2.0, 1.0, 0.7, 3.0, 0.3, 0.8])
+    fam = ["a"] * 5 + ["b"] * 2
+    n = np.array([100, 100, 40, 100, 7, 100, 60])
+    slopes, sd = [], None
+    for _ in range(2000):
+        means = t_mean + rng.standard_normal(t_mean.size) * t_sd / np.sqrt(n)
+        rows = [{"family_id": f, "target_mean": t, "target_sd": s, "sample_mean": m, "sample_sd": s, "sample_ks": 0.0,
+                 "sample_mean_error_sd": 0.0, "perfect_mean": m, "num_valid_samples": int(k)}
+                for f, t, s, m, k in zip(fam, t_mean, t_sd, means, n)]
+        summary = summarize_tracking(rows)
+        slopes.append(summary["sample_location_slope"])
+        sd = summary["perfect_slope_sd"]
+    assert np.mean(slopes) == pytest.approx(1.0, abs=3 * sd / np.sqrt(2000))
+    assert np.std(slopes) == pytest.approx(sd, rel=0.06)  # the sd of a 2000-draw sd is 1.6% of it
