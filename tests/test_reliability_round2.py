@@ -32,10 +32,7 @@ MEMORY_LIMIT = 6 << 30  # address space of the subprocesses whose misuse would a
 
 # ---- helpers ---------------------------------------------------------------------------------------
 def release_locks():
-    try:
-        from calft.fileio import release_locks as release
-    except ImportError:
-        from calft.fileio import release_locks as release
+    from calft.fileio import release_locks as release
     release()
 
 
@@ -45,6 +42,7 @@ def cli(module, args, monkeypatch, capsys, n_threads=1, cache=None):
     if cache is not None:
         monkeypatch.setenv("CALFT_CACHE_DIR", str(cache))
     monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
+    monkeypatch.delitem(sys.modules, module, raising=False)  # as `python -m`: runpy warns on an imported one
     code = 0
     try:
         with threads(n_threads):
