@@ -137,12 +137,18 @@ def sample_tracking(support, values, *, seed: int = 0, num_answers: int | None =
             "perfect_mean": float(perfect.mean()), "num_valid_samples": int(vals.size), **every}
 
 
-def _r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, scale: np.ndarray) -> float:
-    """1 - SS_res / SS_tot against the identity, with SS_tot centred within each group."""
-    centred = target.copy()
+def _centred(x: np.ndarray, w: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """x minus its w-weighted mean within each group (family)."""
+    out = np.empty_like(x)
     for g in np.unique(groups):
         sel = groups == g
-        centred[sel] = target[sel] - target[sel].mean()
+        out[sel] = x[sel] - np.dot(w[sel], x[sel]) / w[sel].sum()
+    return out
+
+
+def _r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, scale: np.ndarray) -> float:
+    """1 - SS_res / SS_tot against the identity, with SS_tot centred within each group."""
+    centred = _centred(target, np.ones_like(target), groups)
     ss_tot = float(np.sum((centred / scale) ** 2))
     ss_res = float(np.sum(((pred - target) / scale) ** 2))
     # targets that do not vary (Student's t: every mean is 0) leave only float noise in SS_tot
@@ -150,14 +156,9 @@ def _r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, scale: np.ndar
 
 
 def _slope(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, w: np.ndarray) -> float:
-    num = den = 0.0
-    for g in np.unique(groups):
-        sel = groups == g
-        ww, t, m = w[sel], target[sel], pred[sel]
-        tc, mc = t - np.dot(ww, t) / ww.sum(), m - np.dot(ww, m) / ww.sum()
-        num += float(np.sum(ww * tc * mc))
-        den += float(np.sum(ww * tc * tc))
-    return num / den if den > VARIES * np.sum(w) else float("nan")
+    tc, mc = _centred(target, w, groups), _centred(pred, w, groups)
+    den = float(np.sum(w * tc * tc))
+    return float(np.sum(w * tc * mc)) / den if den > VARIES * np.sum(w) else float("nan")
 
 
 def _slope_sd(target: np.ndarray, sd: np.ndarray, groups: np.ndarray, n: np.ndarray) -> float:
@@ -165,15 +166,10 @@ def _slope_sd(target: np.ndarray, sd: np.ndarray, groups: np.ndarray, n: np.ndar
     sampler's slope with n samples per prompt (module docstring). NaN where n is not known."""
     if not np.all(n > 0):
         return float("nan")
-    var = den = total_w = 0.0
-    for g in np.unique(groups):
-        sel = groups == g
-        w, t = 1.0 / sd[sel] ** 2, target[sel]
-        tc = t - np.dot(w, t) / w.sum()
-        var += float(np.sum(w * tc * tc / n[sel]))
-        den += float(np.sum(w * tc * tc))
-        total_w += float(w.sum())
-    return math.sqrt(var) / den if den > VARIES * total_w else float("nan")
+    w = 1.0 / sd ** 2
+    tc = _centred(target, w, groups)
+    den = float(np.sum(w * tc * tc))
+    return math.sqrt(float(np.sum(w * tc * tc / n))) / den if den > VARIES * np.sum(w) else float("nan")
 
 
 def _group_summary(rows: list[dict]) -> dict:
