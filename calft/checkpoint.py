@@ -14,8 +14,7 @@ cannot execute code. Only trainable tensors are stored (not the frozen, possibly
 
 Saving writes a fresh `.checkpoint.tmp-*` folder and then rotates:
     checkpoint/ -> .checkpoint.old/,  tmp -> checkpoint/,  remove .checkpoint.old/
-A kill at any point leaves a state `calft.run_dir.recover` repairs on the next start: a complete checkpoint/
-wins; otherwise a complete .checkpoint.old/ is moved back; temp folders are removed.
+A kill at any point leaves a state that `calft.run_dir.recover` repairs on the next start.
 
 calft.train checkpoints every --checkpoint-interval steps, at the end, on SIGINT/SIGTERM (after the
 current step) and on a non-finite loss; the data order is a pure function of (seed, epoch, step),

@@ -258,7 +258,9 @@ def _perfect_note(family: dict) -> str:
     """The perfect sampler's slope on the same prompts and its sd at this sample size, which a slow
     family's slope is read against."""
     ps, sd = measured(family, "perfect_location_slope"), measured(family, "perfect_slope_sd")
-    return f" (perfect sampler {ps:.2f}" + (f", sd {sd:.2f})" if sd == sd else ")") if ps == ps else ""
+    if ps != ps:  # not measured
+        return ""
+    return f" (perfect sampler {ps:.2f}" + (f", sd {sd:.2f})" if sd == sd else ")")
 
 
 def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: str = "test_within_range") -> list[str]:

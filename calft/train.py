@@ -15,9 +15,10 @@ and schedule, one training loop, evaluation (calft.train_eval, calft.eval's code
 objective: calft/batching.py (positions, targets, weights), calft/tree.py (SoftTargetKLLoss) and
 calft/losses.py (the fused LM-head + sparse KL).
 
-Reliability (calft/run_dir.py, calft/checkpoint.py): checkpoints every --checkpoint-interval steps, at the end, on
-SIGINT/SIGTERM (exit status 128 + signal) and on a non-finite loss (exit 3); --resume continues bit
-for bit at the same thread count; bad flags fail before any work (exit 2); one process per run dir.
+Reliability (calft/run_dir.py, calft/checkpoint.py): checkpoints every --checkpoint-interval
+steps, at the end, on SIGINT/SIGTERM (exit status 128 + signal) and on a non-finite loss (exit 3);
+--resume continues bit for bit at the same thread count; bad flags fail before any work (exit 2);
+one process per run dir.
 Scale-out: DDP or FSDP2 (--fsdp: one fully_shard unit per block); each rank takes a slice of every
 global batch (loss weights normalized globally); rank 0 checkpoints and evaluates (not under --fsdp).
 """
