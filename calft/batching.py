@@ -43,7 +43,7 @@ takes its own slice, and a resumed run rebuilds exactly the same order.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,15 +64,24 @@ def _family_groups(family_ids: Sequence[str]) -> list[list[int]]:
     return list(groups.values())
 
 
-def balanced_order(family_ids: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+def balanced_order(family_ids: Sequence[str], rng: np.random.Generator,
+                   family_weights: Mapping[str, float] | None = None) -> np.ndarray:
     """Indices of ``family_ids`` shuffled within each family, then interleaved round-robin.
 
-    Example: families [a, a, a, b, c, c] -> e.g. [a2, b0, c5, a0, c4, a1].
+    Example: families [a, a, a, b, c, c] -> e.g. [a2, b0, c5, a0, c4, a1]. A family of weight w
+    (``family_weights``, default 1) gives w items per round: its k-th item goes in round
+    floor(k / w), so a family with w times the items of the others is spread over the same rounds
+    instead of filling the end of the epoch alone. Within a round families keep their order.
     """
-    shuffled = [np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))] for idx in _family_groups(family_ids)]
-    longest = max((len(g) for g in shuffled), default=0)
-    order = [g[k] for k in range(longest) for g in shuffled if k < len(g)]
-    return np.asarray(order, dtype=np.int64)
+    groups = _family_groups(family_ids)
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    weights = family_weights or {}
+    shuffled = [np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))] for idx in groups]
+    rounds = [np.floor(np.arange(len(g)) / weights.get(family_ids[idx[0]], 1.0)) for g, idx in zip(shuffled, groups)]
+    items = np.concatenate(shuffled)
+    family_rank = np.concatenate([np.full(len(g), j) for j, g in enumerate(shuffled)])
+    return items[np.lexsort((family_rank, np.concatenate(rounds)))]  # by round, then family
 
 
 def sample_strings(probs: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +94,7 @@ def sample_strings(probs: np.ndarray, num: int, rng: np.random.Generator) -> np.
 
 
 def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: int = 1,
-               balance_families: bool = False) -> np.ndarray:
+               balance_families: bool = False, family_weights: Mapping[str, float] | None = None) -> np.ndarray:
     """The items of one epoch as an int64 array [num_items, 2] of (prompt index, support string
     index), in family-balanced order; num_items = epoch_size(...) * samples_per_prompt.
 
@@ -93,32 +102,46 @@ def epoch_plan(prompts: Sequence, *, seed: int, epoch: int, samples_per_prompt: 
     (soft recipe: 1 per epoch; hard recipe: 16). With ``balance_families`` every family contributes
     as many prompts as the largest one: a smaller family's prompts repeat (a fresh permutation each
     epoch, cycled), each repeat with its own strings, so a family's share of training does not
-    follow the size of its parameter grid. Deterministic given (seed, epoch).
+    follow the size of its parameter grid. ``family_weights`` (with ``balance_families`` only)
+    scales a family's share: round(w x the largest family's count) prompts, spread evenly through
+    the epoch (balanced_order). Deterministic given (seed, epoch).
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    if family_weights and not balance_families:
+        raise ValueError("family weights scale the balanced share: they need balance_families")
     rng = np.random.default_rng([seed, epoch])
     index = np.arange(len(prompts), dtype=np.int64)
     if balance_families:
-        groups = _family_groups([p.spec.family_id for p in prompts])
-        longest = max(len(g) for g in groups)
-        index = np.concatenate([np.resize(rng.permutation(np.asarray(g, dtype=np.int64)), longest) for g in groups])
+        family_ids = [p.spec.family_id for p in prompts]
+        counts = _balanced_counts(family_ids, family_weights)
+        index = np.concatenate([np.resize(rng.permutation(np.asarray(g, dtype=np.int64)), n)
+                                for g, n in zip(_family_groups(family_ids), counts)])
     strings = np.concatenate([sample_strings(prompts[i].support.probs, samples_per_prompt, rng) for i in index])
     prompt_of_item = np.repeat(index, samples_per_prompt)
     families = [prompts[i].spec.family_id for i in prompt_of_item]
-    order = balanced_order(families, rng)
+    order = balanced_order(families, rng, family_weights)
     return np.stack([prompt_of_item[order], strings[order]], axis=1)
 
 
-def epoch_size(family_ids: Sequence[str], *, balance_families: bool = False) -> int:
+def _balanced_counts(family_ids: Sequence[str], family_weights: Mapping[str, float] | None) -> list[int]:
+    """Prompts per family (in _family_groups order) in a balanced epoch: round(w x the largest
+    family's count), w = the family's weight (default 1), at least 1."""
+    groups = _family_groups(family_ids)
+    longest = max((len(g) for g in groups), default=0)
+    weights = family_weights or {}
+    return [max(1, round(weights.get(family_ids[g[0]], 1.0) * longest)) for g in groups]
+
+
+def epoch_size(family_ids: Sequence[str], *, balance_families: bool = False,
+               family_weights: Mapping[str, float] | None = None) -> int:
     """Prompts per epoch (before samples_per_prompt): all of them, or with balance_families the
-    number of families times the largest family's prompt count (epoch_plan)."""
+    sum over families of round(weight x the largest family's prompt count) (epoch_plan)."""
     if not balance_families:
         return len(family_ids)
-    groups = _family_groups(family_ids)
-    return len(groups) * max((len(g) for g in groups), default=0)
+    return sum(_balanced_counts(family_ids, family_weights))
 
 
 def steps_per_epoch(num_items: int, global_batch: int, *, keep_last: bool = False) -> int:

@@ -55,7 +55,7 @@ from calft.models import (add_lora, check_model_files, check_training_memory,  #
 from calft.precision import autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.splits import drawn_train_specs, get_split  # noqa: E402
-from calft.train_config import RUN_ONLY_FIELDS, TrainConfig, check_config, parse_config  # noqa: E402
+from calft.train_config import RUN_ONLY_FIELDS, TrainConfig, check_config, parse_config, parse_family_weights  # noqa: E402
 from calft.train_eval import evaluate_after_training  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
 
@@ -96,8 +96,12 @@ try:  # every flag, the split and the model's layout before anything is written 
     if cfg.param_draws:  # denser parameters inside the same ranges; the test splits stay unseen
         specs += [sp for fid in dict.fromkeys(sp.family_id for sp in specs)
                   for sp in drawn_train_specs(fid, cfg.param_draws, seed=cfg.seed)]
+    family_weights = parse_family_weights(cfg.family_weights)
+    if unknown := set(family_weights) - {sp.family_id for sp in specs}:
+        raise ValueError(f"--family-weights: {', '.join(sorted(unknown))} not among the families trained on")
     tree_batches = cfg.mode == "trie" or cfg.share_prompt  # one tree item per prompt: the batch counts prompts
-    items_per_epoch = (epoch_size([sp.family_id for sp in specs], balance_families=cfg.family_balance)
+    items_per_epoch = (epoch_size([sp.family_id for sp in specs], balance_families=cfg.family_balance,
+                                  family_weights=family_weights)
                        * (1 if tree_batches else cfg.samples_per_prompt))
     spe = steps_per_epoch(items_per_epoch, cfg.batch_size, keep_last=cfg.keep_last_batch)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
@@ -170,7 +174,7 @@ if master:
     num_families = len({p.spec.family_id for p in prompts})
     print(f"{len(prompts)} prompts from {num_families} famil{'y' if num_families == 1 else 'ies'}, "
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
-          f"{max_steps} steps")
+          f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else ""))
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
@@ -316,6 +320,7 @@ while step < max_steps:
     epoch, pos = divmod(step, spe)
     if epoch != plan_epoch:  # the same on every rank: a pure function of (seed, epoch)
         plan, plan_epoch = epoch_plan(prompts, seed=cfg.seed, epoch=epoch, balance_families=cfg.family_balance,
+                                      family_weights=family_weights,
                                       samples_per_prompt=1 if tree_batches else cfg.samples_per_prompt), epoch
     global_items = step_items(plan, pos, global_batch=cfg.batch_size)
     mine = step_items(plan, pos, global_batch=cfg.batch_size, world_size=world_size, rank=rank)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from calft.cli import add_flags, comma_list, knob
+from calft.families import get_family
 from calft.models import DEFAULT_MODEL
 from calft.precision import PRECISIONS
 from calft.prompts import REASONING_EFFORTS
@@ -41,6 +42,9 @@ class TrainConfig:
                             "prompt); 0 = the paper's grid only (docs/calibration.md)")
     family_balance: bool = knob(False, "each family fills as much of an epoch as the largest (smaller "
                                 "families' prompts repeat), not a share set by the size of its grid")
+    family_weights: str = knob("", "with --family-balance: comma-separated family=weight pairs (e.g. "
+                               "f_distribution=2): that family fills weight x the balanced share of an epoch, "
+                               "spread evenly through it; the others keep weight 1")
     num_decimals: int = knob(5, "decimals of continuous answers (integers: none)")
     max_bins: int = knob(1001, "max support strings per prompt")
     samples_per_prompt: int = knob(1, "support strings drawn per prompt per epoch (trie mode and "
@@ -150,6 +154,28 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
+def parse_family_weights(text: str) -> dict[str, float]:
+    """--family-weights "f_distribution=2,hypergeometric=1.5" -> {family id: weight}; ValueError
+    naming the flag on a bad pair, an unknown family, a repeated one or a weight not > 0."""
+    weights: dict[str, float] = {}
+    for pair in comma_list(text):
+        name, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not 0 < weight < math.inf:
+            raise ValueError(f"--family-weights: expected family=weight with a weight > 0, got {pair!r}")
+        try:
+            fid = get_family(name.strip()).id
+        except ValueError as err:
+            raise ValueError(f"--family-weights: {err}") from None
+        if fid in weights:
+            raise ValueError(f"--family-weights: {fid!r} given twice")
+        weights[fid] = weight
+    return weights
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Every flag, before any work (ValueError naming the flag); sentinels are -1."""
     def flag(key):
@@ -170,6 +196,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--param-draws must be >= 0 (0 = the grid only), got {cfg.param_draws}")
     if cfg.param_draws and cfg.train_split != "train":
         raise ValueError(f"--param-draws draws inside the train split's grids; --train-split is {cfg.train_split!r}")
+    if parse_family_weights(cfg.family_weights) and not cfg.family_balance:
+        raise ValueError("--family-weights scales the balanced share of each family: add --family-balance")
     if cfg.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = exact metrics only), got {cfg.eval_samples}")
     for split in cfg.eval_split.split(",") + comma_list(cfg.eval_exact_split):  # an empty item is an error here too

@@ -63,6 +63,29 @@ def test_family_balanced_epoch_hand_computed():
     assert sorted(epoch_plan(equal, seed=2, epoch=0, balance_families=True)[:, 0].tolist()) == list(range(6))
 
 
+def test_family_weights_hand_computed():
+    # a: 2 prompts, b: 4; balanced share 4 each; a at weight 2 fills 8 slots, two per round:
+    # rounds (a a b) x 4. At weight 1.5: round(6) slots in rounds floor(k / 1.5) = 0 0 1 2 2 3
+    fams = ["a"] * 2 + ["b"] * 4
+    prompts = [fake_prompt(f, [0.5, 0.5]) for f in fams]
+    assert epoch_size(fams, balance_families=True, family_weights={"a": 2}) == 12
+    assert epoch_size(fams, balance_families=True, family_weights={"a": 1.5}) == 10
+    assert epoch_size(fams, balance_families=True, family_weights={"b": 0.1}) == 5  # at least one prompt
+    for epoch in range(3):
+        plan = epoch_plan(prompts, seed=0, epoch=epoch, balance_families=True, family_weights={"a": 2})
+        assert "".join(fams[i] for i in plan[:, 0]) == "aab" * 4
+        assert np.bincount(plan[:, 0], minlength=6).tolist() == [4, 4, 1, 1, 1, 1]
+    plan = epoch_plan(prompts, seed=0, epoch=0, balance_families=True, family_weights={"a": 1.5})
+    assert "".join(fams[i] for i in plan[:, 0]) == "aab" "ab" "aab" "ab"
+    order = balanced_order(["x"] * 3 + ["y"] * 3, np.random.default_rng(0), {"y": 3})
+    assert ["x" if i < 3 else "y" for i in order] == ["x", "y", "y", "y", "x", "x"]  # y's 3 in round 0
+    # weights of 1 (or none given) leave the plan exactly as the unweighted one
+    assert np.array_equal(epoch_plan(prompts, seed=5, epoch=1, balance_families=True, family_weights={"a": 1.0}),
+                          epoch_plan(prompts, seed=5, epoch=1, balance_families=True))
+    with pytest.raises(ValueError, match="need balance_families"):
+        epoch_plan(prompts, seed=0, epoch=0, family_weights={"a": 2})
+
+
 def test_sampling_matches_probabilities():
     probs = np.array([0.6, 0.0, 0.3, 0.1])
     n = 40_000

@@ -336,6 +336,16 @@ def test_param_draws_add_drawn_prompts_to_the_grid(tiny_model_dir, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["param_draws"] == 3
 
 
+def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
+    """--family-balance --family-weights gaussian=2: 4 binomial + 2 x 4 gaussian = 12 sequences an
+    epoch (batching.epoch_plan's hand-computed tests check the order), recorded in config.json."""
+    out = tmp_path / "weighted"
+    run_inline(tiny_args(tiny_model_dir, out, "--family-balance", "--family-weights", "gaussian=2"), tmp_path / "cache")
+    startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
+    assert startup and startup[0].startswith("8 prompts from 2 families, 12 sequences/epoch, 3 steps/epoch"), startup
+    assert json.loads((out / "config.json").read_text())["family_weights"] == "gaussian=2"
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: a clear one-line error, exit status 2, before any model is loaded or data prepared
 
@@ -388,6 +398,12 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "eval_samples_negative": (["--eval-samples", "-3"], "--eval-samples must be >= 0"),
     "param_draws_negative": (["--param-draws", "-2"], "--param-draws must be >= 0"),
     "param_draws_off_train": (["--param-draws", "4", "--train-split", "test_selected"], "draws inside the train split"),
+    "family_weights_unbalanced": (["--family-weights", "gaussian=2"], "add --family-balance"),
+    "family_weights_not_a_pair": (["--family-balance", "--family-weights", "gaussian"], "expected family=weight"),
+    "family_weights_zero": (["--family-balance", "--family-weights", "gaussian=0"], "a weight > 0"),
+    "family_weights_typo": (["--family-balance", "--family-weights", "gausian=2"], "did you mean 'gaussian'"),
+    "family_weights_twice": (["--family-balance", "--family-weights", "gaussian=2,gaussian=3"], "given twice"),
+    "family_weights_untrained": (["--family-balance", "--family-weights", "f_distribution=2"], "not among the families"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
     "snapshot_not_a_step": (["--snapshot-steps", "3,ten"], "comma-separated step numbers"),
     "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
