@@ -55,7 +55,8 @@ from calft.models import (add_lora, check_model_files, check_training_memory,  #
 from calft.precision import autocast_dtype as precision_dtype, describe as describe_precision  # noqa: E402
 from calft.prompts import set_reasoning_effort, terminator_ids  # noqa: E402
 from calft.splits import drawn_train_specs, get_split  # noqa: E402
-from calft.train_config import RUN_ONLY_FIELDS, TrainConfig, check_config, parse_config, parse_family_weights  # noqa: E402
+from calft.train_config import (RUN_ONLY_FIELDS, TrainConfig, check_config, parse_config,  # noqa: E402
+                                parse_family_draws, parse_family_weights)
 from calft.train_eval import evaluate_after_training  # noqa: E402
 from calft.tree import SoftTargetKLLoss  # noqa: E402
 
@@ -93,9 +94,12 @@ try:  # every flag, the split and the model's layout before anything is written 
     check_model_files(cfg.model)  # a tokenizer without weights -> ValueError here
     specs = get_split(cfg.train_split, families=families,
                       max_specs=None if cfg.max_prompts_per_family < 0 else cfg.max_prompts_per_family)
-    if cfg.param_draws:  # denser parameters inside the same ranges; the test splits stay unseen
-        specs += [sp for fid in dict.fromkeys(sp.family_id for sp in specs)
-                  for sp in drawn_train_specs(fid, cfg.param_draws, seed=cfg.seed)]
+    family_draws = parse_family_draws(cfg.family_draws)
+    if unknown := set(family_draws) - {sp.family_id for sp in specs}:
+        raise ValueError(f"--family-draws: {', '.join(sorted(unknown))} not among the families trained on")
+    # denser parameters inside the same ranges; the test splits stay unseen
+    specs += [sp for fid in dict.fromkeys(sp.family_id for sp in specs)
+              for sp in drawn_train_specs(fid, family_draws.get(fid, cfg.param_draws), seed=cfg.seed)]
     family_weights = parse_family_weights(cfg.family_weights)
     if unknown := set(family_weights) - {sp.family_id for sp in specs}:
         raise ValueError(f"--family-weights: {', '.join(sorted(unknown))} not among the families trained on")
@@ -174,7 +178,8 @@ if master:
     num_families = len({p.spec.family_id for p in prompts})
     print(f"{len(prompts)} prompts from {num_families} famil{'y' if num_families == 1 else 'ies'}, "
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
-          f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else ""))
+          f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else "")
+          + (f" (family draws: {cfg.family_draws})" if cfg.family_draws else ""))
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights

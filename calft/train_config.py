@@ -40,6 +40,8 @@ class TrainConfig:
     param_draws: int = knob(0, "extra training prompts per family at parameters drawn at random inside its "
                             "training grid's ranges (log-uniform on log-spaced axes; never a grid or test "
                             "prompt); 0 = the paper's grid only (docs/calibration.md)")
+    family_draws: str = knob("", "comma-separated family=count pairs (e.g. f_distribution=300): that "
+                             "family's --param-draws; the others keep --param-draws")
     family_balance: bool = knob(False, "each family fills as much of an epoch as the largest (smaller "
                                 "families' prompts repeat), not a share set by the size of its grid")
     family_weights: str = knob("", "with --family-balance: comma-separated family=weight pairs (e.g. "
@@ -154,26 +156,37 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
-def parse_family_weights(text: str) -> dict[str, float]:
-    """--family-weights "f_distribution=2,hypergeometric=1.5" -> {family id: weight}; ValueError
-    naming the flag on a bad pair, an unknown family, a repeated one or a weight not > 0."""
-    weights: dict[str, float] = {}
+def parse_family_values(text: str, flag: str, count: bool = False) -> dict[str, float]:
+    """"f_distribution=2,hypergeometric=1.5" -> {family id: value}; ValueError naming `flag` on a
+    bad pair, an unknown family, a repeated one, or a value not > 0 (count: not an integer >= 0)."""
+    what = "family=count with an integer count >= 0" if count else "family=weight with a weight > 0"
+    values: dict[str, float] = {}
     for pair in comma_list(text):
-        name, sep, value = pair.partition("=")
+        name, sep, text_value = pair.partition("=")
         try:
-            weight = float(value)
+            value = int(text_value) if count else float(text_value)
         except ValueError:
-            weight = math.nan
-        if not sep or not 0 < weight < math.inf:
-            raise ValueError(f"--family-weights: expected family=weight with a weight > 0, got {pair!r}")
+            value = math.nan
+        if not sep or not (0 <= value < math.inf if count else 0 < value < math.inf):
+            raise ValueError(f"{flag}: expected {what}, got {pair!r}")
         try:
             fid = get_family(name.strip()).id
         except ValueError as err:
-            raise ValueError(f"--family-weights: {err}") from None
-        if fid in weights:
-            raise ValueError(f"--family-weights: {fid!r} given twice")
-        weights[fid] = weight
-    return weights
+            raise ValueError(f"{flag}: {err}") from None
+        if fid in values:
+            raise ValueError(f"{flag}: {fid!r} given twice")
+        values[fid] = value
+    return values
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """--family-weights "f_distribution=2" -> {family id: weight > 0}."""
+    return parse_family_values(text, "--family-weights")
+
+
+def parse_family_draws(text: str) -> dict[str, int]:
+    """--family-draws "f_distribution=300" -> {family id: draws >= 0}."""
+    return {fid: int(n) for fid, n in parse_family_values(text, "--family-draws", count=True).items()}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -194,8 +207,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.param_draws < 0:
         raise ValueError(f"--param-draws must be >= 0 (0 = the grid only), got {cfg.param_draws}")
-    if cfg.param_draws and cfg.train_split != "train":
-        raise ValueError(f"--param-draws draws inside the train split's grids; --train-split is {cfg.train_split!r}")
+    if (cfg.param_draws or any(parse_family_draws(cfg.family_draws).values())) and cfg.train_split != "train":
+        raise ValueError(f"--param-draws and --family-draws draw inside the train split's grids; --train-split "
+                         f"is {cfg.train_split!r}")
     if parse_family_weights(cfg.family_weights) and not cfg.family_balance:
         raise ValueError("--family-weights scales the balanced share of each family: add --family-balance")
     if cfg.eval_samples < 0:

@@ -336,6 +336,21 @@ def test_param_draws_add_drawn_prompts_to_the_grid(tiny_model_dir, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["param_draws"] == 3
 
 
+def test_family_draws_set_one_familys_draws(tiny_model_dir, tmp_path, capsys):
+    """--param-draws 3 --family-draws gaussian=5: binomial 4 + 3, gaussian 4 + 5 prompts, the
+    gaussian draws the first 5 of drawn_train_specs's sequence (its first 3 are --param-draws 3's)."""
+    from calft.splits import drawn_train_specs
+
+    out = tmp_path / "family_draws"
+    run_inline(tiny_args(tiny_model_dir, out, "--param-draws", "3", "--family-draws", "gaussian=5", "--seed", "5"),
+               tmp_path / "cache")
+    startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
+    assert drawn_train_specs("gaussian", 5, seed=5)[:3] == drawn_train_specs("gaussian", 3, seed=5)
+    assert startup and startup[0].startswith("16 prompts from 2 families"), startup
+    assert startup[0].endswith("(family draws: gaussian=5)"), startup
+    assert json.loads((out / "config.json").read_text())["family_draws"] == "gaussian=5"
+
+
 def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
     """--family-balance --family-weights gaussian=2: 4 binomial + 2 x 4 gaussian = 12 sequences an
     epoch (batching.epoch_plan's hand-computed tests check the order), recorded in config.json."""
@@ -397,7 +412,12 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "eval_split_typo": (["--eval-split", "test_within_range,test_selectd"], "unknown split 'test_selectd'"),
     "eval_samples_negative": (["--eval-samples", "-3"], "--eval-samples must be >= 0"),
     "param_draws_negative": (["--param-draws", "-2"], "--param-draws must be >= 0"),
-    "param_draws_off_train": (["--param-draws", "4", "--train-split", "test_selected"], "draws inside the train split"),
+    "param_draws_off_train": (["--param-draws", "4", "--train-split", "test_selected"], "draw inside the train split"),
+    "family_draws_negative": (["--family-draws", "gaussian=-1"], "an integer count >= 0"),
+    "family_draws_fraction": (["--family-draws", "gaussian=2.5"], "an integer count >= 0"),
+    "family_draws_off_train": (["--family-draws", "gaussian=4", "--train-split", "test_selected"],
+                               "draw inside the train split"),
+    "family_draws_untrained": (["--family-draws", "f_distribution=2"], "not among the families"),
     "family_weights_unbalanced": (["--family-weights", "gaussian=2"], "add --family-balance"),
     "family_weights_not_a_pair": (["--family-balance", "--family-weights", "gaussian"], "expected family=weight"),
     "family_weights_zero": (["--family-balance", "--family-weights", "gaussian=0"], "a weight > 0"),
