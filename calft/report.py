@@ -56,7 +56,8 @@ def format_tracking_table(summaries: dict[str, dict], keys=SUMMARY_KEYS) -> str:
 HEADLINE_METRICS = ("support_mass", "seq_kl", "seq_kl_renorm", "tv_renorm")
 # the sampled columns per family (calft.tracking): what a user of the model gets
 FAMILY_KEYS = ("num_prompts", "sample_location_slope", "perfect_location_slope", "perfect_slope_sd", "sample_location_r2",
-               "sample_sd_within_2x", "median_sample_ks", "median_perfect_ks", "in_support_rate", "support_violation_rate")
+               "sample_clipped_location_r2", "sample_sd_within_2x", "median_sample_ks", "median_perfect_ks",
+               "in_support_rate", "support_violation_rate", "beyond_range_rate")
 
 
 def format_family_table(tracking: dict, keys=FAMILY_KEYS) -> str:

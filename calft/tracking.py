@@ -21,6 +21,16 @@ samples: sample_mean, sample_sd, sample_mean_error_sd, sample_ks, plus
                              mass that never arrives on the support; 1 when no answer is valid.
                              It compares models that answer validly at very different rates (the
                              base model on test_selected), which sample_ks, on valid ones, cannot.
+    num_beyond_range       = valid samples outside [x_min, x_max], the range of the target's support
+                             values (continuous families: the 0.001 and 0.999 quantiles, whose tails
+                             the target folds into its edge bins, calft.support). The discretized
+                             target never lands there; the continuous family does 0.2% of the time.
+                             One answer of 139000 for Cauchy(1, 0.71) (range about [-225, 227]) moves
+                             a mean of 100 samples by 1390, which a sample mean cannot tell from a
+                             sampler that ignores the parameters.
+    sample_clipped_mean    = the mean of the valid samples clipped to [x_min, x_max]: the location
+                             estimate that matches the target's own mean (its tails sit at those
+                             edges), so a rare wild answer moves it by at most the range / n.
 
 Over a set of prompts (a family, or a split pooled over families), in target-sd units so that
 families and parameters of different scales weigh alike (t_i = target mean, m_i = model mean,
@@ -48,7 +58,11 @@ that knows each family's typical range but ignores the parameters scores ~0, not
 The sampled versions (sample_location_r2, sample_location_slope, sample_sd_within_2x) put the
 sample mean and sd in place of the exact model_mean and model_sd; in_support_rate pools every
 sample of every prompt (all samples / all prompts), support_violation_rate likewise for the
-answers that parse but fall outside the support. These are what a user of the model gets: the
+answers that parse but fall outside the support, and beyond_range_rate for the valid answers beyond
+the target's range (sum num_beyond_range / sum num_valid_samples). sample_clipped_location_r2 is
+sample_location_r2 on sample_clipped_mean: where it is high and sample_location_r2 is not, a few
+wild answers (beyond_range_rate) decide the latter, not a location that ignores the parameters.
+These are what a user of the model gets: the
 exact moments are those of the model renormalized on the support, the samples include the rest.
 R^2 is against the identity (model = target), not a fitted line, so an offset or a wrong slope
 lowers it; it is negative when the model is further from the targets than their own spread.
@@ -63,12 +77,12 @@ import numpy as np
 VARIES = 1e-12  # mean squared spread (in target-sd units) below which targets count as constant
 PROMPT_KEYS = ("target_mean", "target_sd", "model_mean", "model_sd", "mean_error_sd", "ks_exact")
 SAMPLE_KEYS = ("sample_mean", "sample_sd", "sample_mean_error_sd", "sample_ks", "sample_ks_all", "perfect_ks",
-               "perfect_mean", "num_valid_samples")
+               "perfect_mean", "num_valid_samples", "num_beyond_range", "sample_clipped_mean")
 # sampled first: they are what the model gives (the exact ones are renormalized on the support)
 SAMPLED_SUMMARY_KEYS = ("sample_location_r2", "sample_location_slope", "perfect_location_slope", "perfect_slope_sd",
                         "sample_sd_within_2x", "median_sample_ks",
                         "median_perfect_ks", "median_sample_ks_all", "in_support_rate", "support_violation_rate",
-                        "sample_mean_error_sd")
+                        "beyond_range_rate", "sample_clipped_location_r2", "sample_mean_error_sd")
 EXACT_SUMMARY_KEYS = ("location_r2", "location_slope", "scale_r2", "sd_within_2x", "median_ks", "mean_error_sd")
 SUMMARY_KEYS = SAMPLED_SUMMARY_KEYS + EXACT_SUMMARY_KEYS
 
@@ -128,13 +142,15 @@ def sample_tracking(support, values, *, seed: int = 0, num_answers: int | None =
     if vals.size == 0:
         return {"target_mean": t_mean, "target_sd": t_sd, "sample_mean": nan, "sample_sd": nan,
                 "sample_mean_error_sd": nan, "sample_ks": nan, "perfect_ks": nan, "perfect_mean": nan,
-                "num_valid_samples": 0, **every}
+                "num_valid_samples": 0, "num_beyond_range": 0, "sample_clipped_mean": nan, **every}
     perfect = np.random.default_rng([seed, vals.size]).choice(x, size=vals.size, p=p / p.sum())
     s_mean, s_sd = float(vals.mean()), float(vals.std())
     return {"target_mean": t_mean, "target_sd": t_sd, "sample_mean": s_mean, "sample_sd": s_sd,
             "sample_mean_error_sd": abs(s_mean - t_mean) / t_sd if t_sd > 0 else nan,
             "sample_ks": _sample_ks(vals, xs, cdf_p), "perfect_ks": _sample_ks(perfect, xs, cdf_p),
-            "perfect_mean": float(perfect.mean()), "num_valid_samples": int(vals.size), **every}
+            "perfect_mean": float(perfect.mean()), "num_valid_samples": int(vals.size),
+            "num_beyond_range": int(np.count_nonzero((vals < xs[0]) | (vals > xs[-1]))),
+            "sample_clipped_mean": float(np.clip(vals, xs[0], xs[-1]).mean()), **every}
 
 
 def _centred(x: np.ndarray, w: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -194,6 +210,8 @@ def _group_summary(rows: list[dict]) -> dict:
         s_sd = np.asarray([r["sample_sd"] for r in rows], dtype=np.float64)
         p_mean = np.asarray([r.get("perfect_mean", math.nan) for r in rows], dtype=np.float64)
         n_valid = np.asarray([r.get("num_valid_samples", 0) for r in rows], dtype=np.float64)
+        c_mean = np.asarray([r.get("sample_clipped_mean", math.nan) for r in rows], dtype=np.float64)
+        n_beyond = sum(r.get("num_beyond_range", 0) for r in rows)
         loc = (t_sd > 0) & np.isfinite(s_mean)  # a prompt without a valid sample has no mean: left out
         ok = loc & (s_sd > 0)
         # sd within 2x: every prompt with a target sd counts; no valid sample or all samples equal is a miss
@@ -206,6 +224,8 @@ def _group_summary(rows: list[dict]) -> dict:
             out.update(
                 sample_location_r2=_r2(s_mean[loc], t_mean[loc], fam[loc], t_sd[loc]),
                 sample_location_slope=_slope(s_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
+                sample_clipped_location_r2=_r2(c_mean[loc], t_mean[loc], fam[loc], t_sd[loc]),
+                beyond_range_rate=n_beyond / n_valid.sum() if n_valid.sum() > 0 else float("nan"),
                 perfect_location_slope=_slope(p_mean[loc], t_mean[loc], fam[loc], 1.0 / t_sd[loc] ** 2),
                 perfect_slope_sd=_slope_sd(t_mean[loc], t_sd[loc], fam[loc], n_valid[loc]),
                 sample_sd_within_2x=float(np.mean(within[has_sd])) if has_sd.any() else float("nan"),

@@ -79,6 +79,40 @@ def test_sample_ks_all_by_hand():
     assert row["sample_ks"] == pytest.approx(max(1 / 4, abs(1 / 3 - 3 / 4), 0.0))  # valid ones only: 5/12
 
 
+def test_beyond_range_and_clipped_mean_by_hand():
+    """Cauchy(1, 0.71) at 1 decimal: the target's values span the 0.1-multiples inside
+    [ppf(0.001), ppf(0.999)] = 1 -/+ 0.71 tan(0.499 pi) (scipy). 99 answers "1.0" and one "139000":
+    one answer beyond the range, the raw mean 1390.99, the clipped mean (99 + x_max) / 100."""
+    sup = build_support("cauchy", {"x0": 1.0, "gamma": 0.71}, num_decimals=1, max_bins=100_000)
+    x = [float(v) for v in sup.values]
+    lo, hi = stats.cauchy(1.0, 0.71).ppf([0.001, 0.999])
+    assert min(x) == pytest.approx(math.ceil(lo * 10) / 10) and max(x) == pytest.approx(math.floor(hi * 10) / 10)
+    row = sample_tracking(sup, [1.0] * 99 + [139000.0])
+    assert row["num_beyond_range"] == 1 and row["sample_mean"] == pytest.approx(1390.99)
+    assert row["sample_clipped_mean"] == pytest.approx((99 + max(x)) / 100)
+    # inside the range, clipping changes nothing; both edges count as inside
+    edge = sample_tracking(sup, [min(x), 1.0, max(x)])
+    assert edge["num_beyond_range"] == 0 and edge["sample_clipped_mean"] == pytest.approx(edge["sample_mean"])
+    below = sample_tracking(sup, [min(x) - 0.1, 1.0])
+    assert below["num_beyond_range"] == 1 and below["sample_clipped_mean"] == pytest.approx((min(x) + 1.0) / 2)
+    assert sample_tracking(sup, [])["num_beyond_range"] == 0
+
+
+def test_clipped_location_r2_and_beyond_range_rate_by_hand():
+    """One family, target means 0, 1, 2, 3 (sd 1, SS_tot = 5), 10 valid samples each. The model's
+    sample means are right but one wild answer moves the last to 103: raw R^2 = 1 - 100^2 / 5;
+    clipped to the range its mean is 3.5: clipped R^2 = 1 - 0.25 / 5; 1 of 40 samples beyond."""
+    rows = [{"family_id": "a", "target_mean": float(k), "target_sd": 1.0, "sample_mean": float(k),
+             "sample_sd": 1.0, "sample_clipped_mean": float(k), "sample_mean_error_sd": 0.0, "sample_ks": 0.1,
+             "num_valid_samples": 10, "num_beyond_range": 0} for k in range(4)]
+    rows[3].update(sample_mean=103.0, sample_clipped_mean=3.5, num_beyond_range=1)
+    s = summarize_tracking(rows)
+    assert s["sample_location_r2"] == pytest.approx(1 - 100.0 ** 2 / 5)
+    assert s["sample_clipped_location_r2"] == pytest.approx(1 - 0.25 / 5)
+    assert s["beyond_range_rate"] == pytest.approx(1 / 40)
+    assert s["per_family"]["a"]["beyond_range_rate"] == pytest.approx(1 / 40)
+
+
 def _rows(model_mean, model_sd):
     """3 families x 4 prompts with target moments of different scales."""
     rows = []
