@@ -11,7 +11,8 @@ base, then base + each adapter) is evaluated on the same prepared prompts by
 calft.scoring.evaluate_models, the code path calft.train's final evaluation uses; the flags share
 calft.train's names (--eval-split, --eval-decimals, ...; the old --split, --num-decimals, ...
 still work, with a deprecation note). Outputs in --output-dir: summary.json, per_prompt.csv,
-report.md, plots/*.png.
+report.md, plots/*.png and, with sampling, samples.jsonl (every answer's text, one line per model and
+prompt: what the sampled metrics were computed from).
 
     python -m calft.eval --suite paper --adapter soft=runs/soft --adapter hard=runs/hard   # calft.paper_suite
 runs the paper's whole evaluation instead (docs/paper_eval.md).
@@ -97,7 +98,7 @@ class EvalConfig:
     open_ended_prompts: int = knob(-1, "open-ended prompts used; -1 = all 102")
     open_ended_samples: int = knob(100, "samples per open-ended prompt")
     # output
-    output_dir: str = knob("eval_out", "where summary.json, per_prompt.csv, report.md, plots/ go")
+    output_dir: str = knob("eval_out", "where summary.json, per_prompt.csv, report.md, plots/ and samples.jsonl go")
     plots: bool = knob(True, "draw the PNG plots")
     cache_dir: str = knob("", "prepared-prompt cache; '' = calft.data's default")
     progress: bool = knob(True, "show progress bars and print the report", aliases=(("--quiet", False),))
@@ -364,6 +365,12 @@ def main(argv=None) -> dict:
                             prep.support.probs, model_p, title=f"{split}: {prep.spec}",
                             integer=prep.support.integer, samples=samp, support_mass=mass)
     write_csv(out_dir / "per_prompt.csv", per_prompt)
+    if result["outputs"]:
+        write_atomic(out_dir / "samples.jsonl", "".join(
+            json.dumps({"split": split, "model": label, "family_id": prep.spec.family_id,
+                        "params": dict(prep.spec.params_dict), "outputs": result["outputs"][split, label][i]}) + "\n"
+            for label, _ in labels for split, preps in prepared.items() if (split, label) in result["outputs"]
+            for i, prep in enumerate(preps)))
     summary = {"settings": asdict(args), "models": {lab: ad for lab, ad in labels}, "splits": summaries,
                "tracking": tracking,
                "benchmarks": benchmarks, "seconds": {f"{m}/{s}": t for (m, s), t in timings.items()},

@@ -249,9 +249,9 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, ex
     Returns {"rows": {(split, label): [row]}, "summaries": {split: {label: summarize(rows)}},
     "tracking": {split: {label: summarize_tracking(rows)}}, "seconds": {(label, split): s},
     "probs": {(split, label): [m(s)/M per string]} (keep_log_probs), "samples": {(split, label):
-    [valid sampled values]}}. A (split, model) with neither exact nor sampled metrics has no entry.
+    [valid sampled values]}, "outputs": {(split, label): [the answers' texts]}}. A (split, model) with neither exact nor sampled metrics has no entry.
     """
-    out = {"rows": {}, "summaries": {}, "tracking": {}, "seconds": {}, "probs": {}, "samples": {}}
+    out = {"rows": {}, "summaries": {}, "tracking": {}, "seconds": {}, "probs": {}, "samples": {}, "outputs": {}}
     for label, open_model in models:
         with open_model() as model:
             ctx = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else _nothing()
@@ -276,6 +276,7 @@ def evaluate_models(models, tokenizer, prepared: dict, *, exact: bool = True, ex
                                                     batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                     progress=progress)
                         out["samples"][split, label] = [smp.values for smp in sampled]
+                        out["outputs"][split, label] = [smp.outputs for smp in sampled]
                         for row, smp, prep in zip(rows, sampled, preps):
                             row.update(smp.metrics, **sample_tracking(prep.support, smp.values, seed=seed,
                                                                       num_answers=smp.metrics["num_samples"]))

@@ -1,5 +1,7 @@
 """Exact evaluation: trie scoring vs brute force, the exact metrics vs float64 oracles, summaries,
 plots and the `python -m calft.eval` CLI, all on the tiny model."""
+import csv
+import io
 import json
 import math
 
@@ -277,6 +279,15 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     assert len(rows) == 1 + 4 and rows[0].startswith("split,model,family_id,params")
     report = (out / "report.md").read_text()
     assert "| base |" in report and "| adapter |" in report and "test_selected" in report
+    # every answer's text, one line per model and prompt; parsing them again gives the CSV's counts
+    from calft.sampling import sample_metrics
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    csv_rows = list(csv.DictReader(io.StringIO((out / "per_prompt.csv").read_text())))
+    assert sorted((r["model"], r["family_id"]) for r in lines) == sorted(
+        (m, f) for m in ("base", "adapter") for f in ("binomial", "beta"))
+    for r, c in zip(lines, csv_rows):
+        assert len(r["outputs"]) == 3 and (c["model"], c["family_id"]) == (r["model"], r["family_id"])
+        assert sample_metrics(r["outputs"], r["family_id"], r["params"])["num_valid"] == int(c["num_valid"])
     assert json.loads((out / "summary.json").read_text())["splits"]["test_selected"]["base"]["num_prompts"] == 2
     pngs = sorted((out / "plots").rglob("*.png"))
     assert len(pngs) == 4 and all(_is_png(x) for x in pngs)  # 2 prompts + the overview + tracking
