@@ -326,16 +326,24 @@ def tree_rows(prep, *, max_nodes: int, strings: np.ndarray) -> tuple[np.ndarray,
     return nodes, weight[nodes]
 
 
-def tree_strings(prompts: Sequence, prompt_index: int, *, seed: int, epoch: int, num: int) -> np.ndarray:
-    """The ``num`` paths s ~ p that cover a prompt's uncapped nodes: a pure function of
-    (seed, epoch, prompt), so every rank, micro-batch split and resumed run draws the same."""
+def tree_strings(prompts: Sequence, prompt_index: int, *, seed: int, epoch: int, num: int,
+                 uniform: int = 0) -> np.ndarray:
+    """The ``num`` paths s ~ p that cover a prompt's uncapped nodes, then ``uniform`` paths drawn
+    uniformly over its strings of positive probability: a pure function of (seed, epoch, prompt),
+    so every rank, micro-batch split and resumed run draws the same (and the first ``num`` do not
+    depend on ``uniform``)."""
     rng = np.random.default_rng([seed, epoch, int(prompt_index)])
-    return sample_strings(prompts[prompt_index].support.probs, num, rng)
+    probs = np.asarray(prompts[prompt_index].support.probs, dtype=np.float64)
+    drawn = sample_strings(probs, num, rng)
+    if uniform <= 0:
+        return drawn
+    positive = np.flatnonzero(probs > 0)
+    return np.concatenate([drawn, positive[rng.integers(positive.size, size=uniform)]])
 
 
 def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, global_batch: int,
                      max_nodes: int = -1, samples_per_prompt: int = 1, seed: int = 0,
-                     epoch: int = 0, pack: bool = False) -> Batch:
+                     epoch: int = 0, pack: bool = False, uniform_paths: int = 0) -> Batch:
     """Collate the prompts of ``items`` (column 0 = prompt index) into a tree :class:`Batch`.
 
     Row b is prompt b's P tokens followed by one token per chosen non-root node (tree_rows), with
@@ -344,17 +352,27 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
     with the trie's soft target q(.|v) and the weight w(v) / G (G = global_batch, in prompts),
     so the sum over a step is (1/G) sum_prompts E_{s~p}[soft path loss of s].
 
+    uniform_paths = k (max_nodes = 0 only: the paths alone): beside the K = samples_per_prompt
+    paths s ~ p, k paths s ~ u, uniform over the prompt's strings, every path weighted alike, so
+    the step's sum estimates (1/G) sum_prompts (K E_p + k E_u)[soft path loss] / (K + k). The
+    conditional targets q(.|v) stay exact at every node; what changes is which nodes are trained:
+    paths from p practically never reach a node deep in a tail (the trie node "139" of Cauchy(1,
+    0.71), target mass ~1e-5), so nothing there tells the model that only "." may follow.
+
     pack=True: one row [1, N] instead, with no padding: the prompts' common leading tokens (the
     chat template's system turn) once, then each prompt's remaining tokens and nodes; prompt b's
     tokens see the common prefix and their own block only (its tree_layout mask, relocated). N is
     about sum_b (P_b + C_b) - (B-1) P0, against B x max_b(P_b + C_b) padded, but the attention
     is N x N: meant for small tries and micro-batches (CPU), not for thousands of nodes each.
     """
+    if uniform_paths and max_nodes != 0:
+        raise ValueError("uniform paths replace the target's own weights w(v): only with max_nodes = 0 (the paths alone)")
     seqs, positions, keeps, gather, row_lens, ids, probs, weights = [], [], [], [], [], [], [], []
     for p in np.asarray(items)[:, 0]:
         prep = prompts[int(p)]
         trie = prep.trie
-        strings = tree_strings(prompts, int(p), seed=seed, epoch=epoch, num=samples_per_prompt)
+        strings = tree_strings(prompts, int(p), seed=seed, epoch=epoch, num=samples_per_prompt,
+                               uniform=uniform_paths)
         nodes, w = tree_rows(prep, max_nodes=max_nodes, strings=strings)
         tokens = nodes[nodes > 0]  # BFS ids: ascending = parents first; the root is the prompt's end
         P = len(prep.prompt_ids)

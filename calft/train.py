@@ -179,7 +179,8 @@ if master:
     print(f"{len(prompts)} prompts from {num_families} famil{'y' if num_families == 1 else 'ies'}, "
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
           f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else "")
-          + (f" (family draws: {cfg.family_draws})" if cfg.family_draws else ""))
+          + (f" (family draws: {cfg.family_draws})" if cfg.family_draws else "")
+          + (f" ({cfg.samples_per_prompt} target + {cfg.uniform_paths} uniform paths per prompt)" if cfg.uniform_paths else ""))
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
@@ -343,7 +344,7 @@ while step < max_steps:
             batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=len(global_items),
                                      max_nodes=0 if cfg.share_prompt else cfg.trie_max_nodes,
                                      samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                     epoch=epoch, pack=cfg.trie_pack).to(device)
+                                     epoch=epoch, pack=cfg.trie_pack, uniform_paths=cfg.uniform_paths).to(device)
         else:
             batch = build_batch(prompts, micro_items, mode=cfg.mode, pad_id=pad_id, eos_id=eos_id,
                                 global_batch=len(global_items), global_positions=global_positions).to(device)

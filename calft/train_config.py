@@ -56,6 +56,10 @@ class TrainConfig:
                                "weight first) and the rest along sampled paths (unbiased); -1 = all")
     share_prompt: bool = knob(False, "soft mode: the --samples-per-prompt strings of a prompt share one "
                               "tree-attention forward of the prompt (--batch-size then counts prompts)")
+    uniform_paths: int = knob(0, "--share-prompt: per prompt and step, this many more paths drawn uniformly over "
+                              "the support's strings, weighted like the --samples-per-prompt paths drawn from the "
+                              "target: nodes deep in a tail, which target paths practically never reach, learn "
+                              "which tokens may follow (soft target and off-support term); 0 = off")
     trie_pack: bool = knob(False, "trie mode / --share-prompt: pack a micro-batch's prompts into one row "
                            "without padding, their common prefix once (N x N attention: small tries)")
     # optimization
@@ -242,6 +246,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--trie-max-nodes applies to --mode trie")
     if cfg.share_prompt and cfg.mode != "soft":
         raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
+    if cfg.uniform_paths < 0:
+        raise ValueError(f"--uniform-paths must be >= 0 (0 = off), got {cfg.uniform_paths}")
+    if cfg.uniform_paths and not (cfg.mode == "soft" and cfg.share_prompt):
+        raise ValueError("--uniform-paths applies to --mode soft with --share-prompt (the paths of a prompt share "
+                         "one forward)")
     if cfg.trie_pack and not (cfg.mode == "trie" or cfg.share_prompt):
         raise ValueError("--trie-pack applies to --mode trie and --share-prompt")
     if cfg.device == "cuda" and not torch.cuda.is_available():

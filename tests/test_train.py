@@ -7,6 +7,7 @@ sums depend on it): both in this process under `threads(n)`, or both subprocesse
 OMP_NUM_THREADS. Faults (kills, damaged files, disk full, locks) are in tests/test_reliability.py.
 """
 import json
+import math
 import os
 import runpy
 import shutil
@@ -351,6 +352,25 @@ def test_family_draws_set_one_familys_draws(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["family_draws"] == "gaussian=5"
 
 
+def test_uniform_paths_reach_the_training_batches(tiny_model_dir, tmp_path, capsys):
+    """--share-prompt --samples-per-prompt 2 --uniform-paths 1 trains (batching's tests check the
+    paths and the loss they give): named at startup, kept in config.json, and the step losses differ
+    from the same run without the uniform path (the target paths are the same ones)."""
+    share = ["--share-prompt", "--samples-per-prompt", "2"]
+    losses = {}
+    for k in (0, 1):
+        out = tmp_path / f"uniform{k}"
+        with threads(1):
+            run_inline(tiny_args(tiny_model_dir, out, *share, "--uniform-paths", str(k)), tmp_path / "cache")
+        startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
+        assert startup[0].endswith("(2 target + 1 uniform paths per prompt)") == (k == 1), startup
+        assert json.loads((out / "config.json").read_text())["uniform_paths"] == k
+        losses[k] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                     if '"loss"' in line]
+    assert len(losses[1]) == 6 and all(math.isfinite(x) for x in losses[1])
+    assert losses[0] != losses[1]
+
+
 def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
     """--family-balance --family-weights gaussian=2: 4 binomial + 2 x 4 gaussian = 12 sequences an
     epoch (batching.epoch_plan's hand-computed tests check the order), recorded in config.json."""
@@ -424,6 +444,8 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "family_weights_typo": (["--family-balance", "--family-weights", "gausian=2"], "did you mean 'gaussian'"),
     "family_weights_twice": (["--family-balance", "--family-weights", "gaussian=2,gaussian=3"], "given twice"),
     "family_weights_untrained": (["--family-balance", "--family-weights", "f_distribution=2"], "not among the families"),
+    "uniform_paths_negative": (["--uniform-paths", "-1"], "--uniform-paths must be >= 0"),
+    "uniform_paths_without_share": (["--uniform-paths", "1"], "applies to --mode soft with --share-prompt"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
     "snapshot_not_a_step": (["--snapshot-steps", "3,ten"], "comma-separated step numbers"),
     "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32)"),

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import stats
 import torch
 
 from calft import scoring as ev
@@ -111,6 +112,31 @@ def test_share_prompt_is_mean_path_loss(tiny64, tiny_tokenizer, prepared):
         got = tree_loss(objective, prepared, [pi], tiny_tokenizer, max_nodes=0, samples_per_prompt=5,
                         seed=3, epoch=1)
         assert got == pytest.approx(losses[strings].mean(), rel=1e-6), (pi, strings)
+
+
+def test_uniform_paths_mean_path_loss_and_draws(tiny64, tiny_tokenizer, prepared):
+    """--uniform-paths k: the K target paths are the ones drawn without it, then k paths uniform over
+    the strings of positive probability; the tree forward gives the mean soft path loss over all
+    K + k paths (every path weighted alike), which estimates (K E_p + k E_u)[path loss] / (K + k)."""
+    objective = SoftTargetKLLoss(tiny64)
+    for pi, prep in enumerate(prepared):
+        losses = path_losses(objective, prepared, pi, tiny_tokenizer)
+        strings = tree_strings(prepared, pi, seed=3, epoch=1, num=4, uniform=2)
+        np.testing.assert_array_equal(strings[:4], tree_strings(prepared, pi, seed=3, epoch=1, num=4))
+        got = tree_loss(objective, prepared, [pi], tiny_tokenizer, max_nodes=0, samples_per_prompt=4,
+                        seed=3, epoch=1, uniform_paths=2)
+        assert got == pytest.approx(losses[strings].mean(), rel=1e-6), (pi, strings)
+        # the uniform draws: every string of positive probability alike (chi-square), none of zero
+        p = normalized(prep)
+        draws = np.concatenate([tree_strings(prepared, pi, seed=s, epoch=0, num=1, uniform=50)[1:]
+                                for s in range(200)])
+        positive = np.flatnonzero(p > 0)
+        assert np.isin(draws, positive).all()
+        counts = np.bincount(draws, minlength=p.size)[positive]
+        assert stats.chisquare(counts).pvalue > 1e-4, counts
+    with pytest.raises(ValueError, match="max_nodes = 0"):
+        build_tree_batch(prepared, np.array([[0, 0]]), pad_id=tiny_tokenizer.pad_token_id, global_batch=1,
+                         max_nodes=-1, uniform_paths=1)
 
 
 def test_weights_are_visit_mass_over_path_length(prepared):
