@@ -208,3 +208,35 @@ def test_sampled_metrics_against_a_hand_computed_case(coin_model):
     missed = missed_targets(s)
     assert any(m.startswith("in_support_rate") for m in missed)
     assert ("sampled slope below" in " ".join(missed)) == (slope < 0.7)
+
+
+def test_beyond_range_and_clipped_location_on_the_coin_model(coin_model):
+    """The coin model answers "1" or "3" whatever it is asked. Gaussian(10, 0.5) at 1 decimal has the
+    range [8.5, 11.5] (its 0.001 / 0.999 quantiles 10 -/+ 1.545, inward onto the 0.1 grid): every
+    answer is below it, so beyond_range_rate is 1 and each clipped mean is the range's low end; with
+    Gaussian(20, 0.5) beside it (range [18.5, 21.5]) the clipped means are 8.5 and 18.5, 1.5 below
+    each target mean, about 3 target sds, against target means 5 sds from their centre."""
+    from calft.data import DataSettings, prepare_prompts
+    from calft.sampling import evaluate_sampling
+    from calft.splits import PromptSpec
+    from calft.tracking import sample_tracking, summarize_tracking
+
+    model, tok, ids, end = coin_model
+    specs = [PromptSpec("gaussian", (("mu", mu), ("sigma", 0.5))) for mu in (10, 20)]
+    preps = prepare_prompts(tok, specs, DataSettings(num_decimals=1, max_bins=1001), cache_dir=False, progress=False)
+    assert len({int(p.prompt_ids[-1]) for p in preps}) == 1
+    _rewire(model, int(preps[0].prompt_ids[-1]), ids, end)
+    sampled = evaluate_sampling(model, tok, preps, num_samples=30, seed=2, batch_size=16, progress=False)
+    rows = [{"family_id": "gaussian", **smp.metrics, **sample_tracking(prep.support, smp.values, seed=0)}
+            for prep, smp in zip(preps, sampled)]
+    for mu, prep, row, smp in zip((10, 20), preps, rows, sampled):
+        x = [float(v) for v in prep.support.values]
+        assert (min(x), max(x)) == (pytest.approx(mu - 1.5), pytest.approx(mu + 1.5))
+        assert set(smp.outputs) <= {"1", "3"} and row["num_valid_samples"] == 30
+        assert row["num_beyond_range"] == 30 and row["sample_clipped_mean"] == pytest.approx(mu - 1.5)
+        assert row["target_mean"] == pytest.approx(mu, abs=1e-9) and row["target_sd"] == pytest.approx(0.5, rel=0.01)
+    s = summarize_tracking(rows)
+    sd = [r["target_sd"] for r in rows]
+    assert s["beyond_range_rate"] == 1.0
+    assert s["sample_clipped_location_r2"] == pytest.approx(
+        1 - sum((1.5 / v) ** 2 for v in sd) / sum((5 / v) ** 2 for v in sd))
