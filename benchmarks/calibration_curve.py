@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = "96,160,320,480,640,960"
 # (key, where it lives: "tracking" (calft.tracking) or "exact" (calft.scoring.summarize), header)
 CURVE_METRICS = [("sample_location_r2", "tracking", "loc R2 (samples)"),
+                 ("sample_clipped_location_r2", "tracking", "loc R2 (clipped samples)"),
+                 ("beyond_range_rate", "tracking", "beyond range"),
                  ("sample_location_slope", "tracking", "slope (samples)"),
                  ("sample_sd_within_2x", "tracking", "sd 2x (samples)"), ("median_sample_ks", "tracking", "KS (samples)"),
                  ("median_perfect_ks", "tracking", "KS perfect sampler"), ("in_support_rate", "tracking", "in support"),
