@@ -260,3 +260,56 @@ def test_support_mixed_targets_give_the_gradient_of_kl_plus_off_support_term():
     g, = torch.autograd.grad(linear_soft_target_kl(rows, W, targets, weights=weights, reduction="sum"), rows)
     err = (g - g_ref).abs().max().item()
     assert err < 1e-6 * g_ref.abs().max().item(), f"max gradient error {err:.3g}"
+
+
+def test_conditional_mean_loss_hand_case_and_dense_float64_oracle():
+    """calft.tree.conditional_mean_loss: sum_r w_r (m_r - mu_r)^2 / 2, m_r = sum_{k in S} p_S(k) x_k.
+
+    Hand case: logits (0, ln 3) on S -> p_S = (1/4, 3/4); x = (-1, 1) -> m = 0.5; q = (1/2, 1/2) ->
+    mu = 0; w = 2 -> 0.25. Then value and gradients (rows, W, bias) against a dense float64
+    oracle: the full-vocabulary softmax, restricted to S and renormalized, on rows of 2, 3 and 1
+    entries; and 0 with a zero gradient where p_S = q.
+    """
+    from calft.losses import SparseTargets
+    from calft.tree import conditional_mean_loss
+
+    # hand case: H = 1, V = 3, row h = 1, W rows 0 and ln 3 on ids 0 and 2
+    h = torch.ones(1, 1, dtype=torch.float64)
+    W = torch.tensor([[0.0], [5.0], [np.log(3.0)]], dtype=torch.float64)
+    t = SparseTargets(torch.tensor([0, 2]), torch.tensor([0, 2]), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    x = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    got = conditional_mean_loss(h, W, None, t, x, torch.tensor([2.0], dtype=torch.float64))
+    assert float(got) == pytest.approx(0.25, rel=1e-12)
+
+    torch.manual_seed(0)
+    N, H, V = 3, 5, 11
+    rows = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    Wr = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    rp, ids = torch.tensor([0, 2, 5, 6]), torch.tensor([1, 4, 0, 2, 3, 7])
+    q = torch.tensor([0.3, 0.7, 0.2, 0.5, 0.3, 1.0], dtype=torch.float64)
+    vals = torch.tensor([-0.5, 2.0, -1.0, 0.1, 3.0, 0.4], dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    probs = (rows @ Wr.T + b).softmax(-1)  # dense [N, V]
+    ref = 0.0
+    for r in range(N):
+        S = slice(int(rp[r]), int(rp[r + 1]))
+        p_s = probs[r, ids[S]] / probs[r, ids[S]].sum()
+        ref = ref + w[r] * ((p_s * vals[S]).sum() - (q[S] * vals[S]).sum()) ** 2 / 2
+    g_ref = torch.autograd.grad(ref, (rows, Wr, b))
+    got = conditional_mean_loss(rows, Wr, b, SparseTargets(rp, ids, q), vals, w)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12) and float(ref.detach()) > 1e-3
+    for g, gr in zip(torch.autograd.grad(got, (rows, Wr, b)), g_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
+
+    # p_S = q: logits log q on S (one-hot rows h, W = log q at each id): no loss, no gradient
+    h = torch.eye(2, dtype=torch.float64, requires_grad=True)
+    W = torch.zeros(4, 2, dtype=torch.float64)
+    W[1, 0], W[3, 0] = np.log(0.2), np.log(0.8)
+    W[0, 1], W[2, 1] = np.log(0.6), np.log(0.4)
+    t = SparseTargets(torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0, 2]),
+                      torch.tensor([0.2, 0.8, 0.6, 0.4], dtype=torch.float64))
+    zero = conditional_mean_loss(h, W, None, t, torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64),
+                                 torch.ones(2, dtype=torch.float64))
+    g, = torch.autograd.grad(zero, h)
+    assert abs(float(zero.detach())) < 1e-24 and g.abs().max() < 1e-12
