@@ -200,18 +200,16 @@ class Batch:
     # tree batches only (build_tree_batch): prompt + trie nodes per row, with tree attention
     position_ids: torch.Tensor | None = None  # [B, T] int64
     tree_mask: torch.Tensor | None = None     # [B, T, T] bool, True = attend (calft.tree.tree_layout)
-    # soft batches: each target entry's standardized subtree mean (child_value_means), float32 [nnz]
-    target_values: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        extra = [None if t is None else t.to(device) for t in (self.position_ids, self.tree_mask, self.target_values)]
+        tree = [None if t is None else t.to(device) for t in (self.position_ids, self.tree_mask)]
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
                      self.gather_index.to(device), self.targets.to(device), self.weights.to(device),
-                     self.num_tokens, self.prefix_len, *extra)
+                     self.num_tokens, self.prefix_len, *tree)
 
 
 def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int, eos_id,
-                global_batch: int, global_positions: int | None = None, with_values: bool = False) -> Batch:
+                global_batch: int, global_positions: int | None = None) -> Batch:
     """Collate ``items`` ((prompt index, string index) rows) into a :class:`Batch`.
 
     ``global_batch`` (G) is the number of sequences in the whole optimizer step and
@@ -219,8 +217,6 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
     that summing the weighted KL over every micro-batch of every rank gives the step loss.
     ``eos_id``: the answer's terminator (calft.prompts.terminator_ids), one id or a sequence; a
     multi-token terminator is predicted token by token after the answer (L + K positions).
-    ``with_values`` (soft mode): also each target entry's standardized subtree mean
-    (Batch.target_values, for the conditional-mean term).
     """
     if mode not in ("soft", "hard"):
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
@@ -230,7 +226,7 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
     if term.ndim != 1 or term.size == 0:
         raise ValueError(f"eos_id must be a token id or a non-empty sequence of them, got {eos_id!r}")
     K = term.size
-    seqs, gather, row_lens, ids, probs, weights, values = [], [], [], [], [], [], []
+    seqs, gather, row_lens, ids, probs, weights = [], [], [], [], [], []
     T = max(len(prompts[p].prompt_ids) + len(prompts[p].answer_ids[s]) + K - 1 for p, s in items)
     for b, (p, s) in enumerate(items):
         prep = prompts[p]
@@ -247,13 +243,10 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
             if len(nodes) != n:
                 raise ValueError(f"trie path of prompt {p} string {s} has {len(nodes)} nodes, "
                                  f"expected {n} (answer tokens + {K} terminator token(s))")
-            means = child_value_means(prep) if with_values else None
             for v in nodes:
                 lo, hi = int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])
                 ids.append(trie.token_ids[lo:hi])
                 probs.append(trie.probs[lo:hi])
-                if with_values:
-                    values.append(means[lo:hi])
                 row_lens.append(hi - lo)
             weights.extend([1.0 / (n * global_batch)] * n)
         else:
@@ -274,11 +267,9 @@ def build_batch(prompts: Sequence, items: np.ndarray, *, mode: str, pad_id: int,
     targets = SparseTargets(torch.from_numpy(row_ptr),
                             torch.from_numpy(np.concatenate(ids).astype(np.int64)),
                             torch.from_numpy(np.concatenate(probs).astype(np.float32)))
-    target_values = torch.from_numpy(np.concatenate(values).astype(np.float32)) if values else None
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask),
                  torch.tensor(gather, dtype=torch.int64), targets,
-                 torch.tensor(weights, dtype=torch.float32), int(mask.sum()), prefix_len,
-                 target_values=target_values)
+                 torch.tensor(weights, dtype=torch.float32), int(mask.sum()), prefix_len)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,30 +292,6 @@ def trie_row_weights(prep) -> np.ndarray:
     w = subtree_sums(trie, leaf, p / p.sum() / positions)
     w[np.diff(np.asarray(trie.row_ptr)) == 0] = 0.0
     return w
-
-
-def child_value_means(prep) -> np.ndarray:
-    """float64[num_edges]: for each trie edge v -> c, the target's mean answer value over the
-    strings below c, standardized by the prompt's target: (E_p[x | path through c] - E_p[x]) / sd_p(x).
-
-    The target's conditional mean at node v is then sum_c q(c|v) mu_c, and the model's (on the
-    support, deeper levels taken as the target's) sum_c p_S(c|v) mu_c: what the conditional-mean
-    term of calft.tree.conditional_mean_loss compares. Edges to subtrees of zero mass get their
-    parent's mean (no pull either way); a point-mass target (sd 0) gets zeros.
-    """
-    trie = prep.trie
-    p = np.asarray(prep.support.probs, dtype=np.float64)
-    p = p / p.sum()
-    x = prep.support.numeric_values()
-    mean = float(p @ x)
-    sd = float(np.sqrt(p @ (x - mean) ** 2))
-    z = (x - mean) / sd if sd > 0 else np.zeros_like(x)
-    leaf = np.asarray(trie.sequence_leaf, dtype=np.int64)
-    mass, first = subtree_sums(trie, leaf, p), subtree_sums(trie, leaf, p * z)
-    node_mean = np.divide(first, mass, out=np.zeros_like(first), where=mass > 0)
-    child = np.asarray(trie.child, dtype=np.int64)
-    src = np.repeat(np.arange(trie.num_nodes), np.diff(np.asarray(trie.row_ptr)))
-    return np.where(mass[child] > 0, node_mean[child], node_mean[src])
 
 
 def tree_rows(prep, *, max_nodes: int, strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +343,7 @@ def tree_strings(prompts: Sequence, prompt_index: int, *, seed: int, epoch: int,
 
 def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, global_batch: int,
                      max_nodes: int = -1, samples_per_prompt: int = 1, seed: int = 0,
-                     epoch: int = 0, pack: bool = False, uniform_paths: int = 0, with_values: bool = False) -> Batch:
+                     epoch: int = 0, pack: bool = False, uniform_paths: int = 0) -> Batch:
     """Collate the prompts of ``items`` (column 0 = prompt index) into a tree :class:`Batch`.
 
     Row b is prompt b's P tokens followed by one token per chosen non-root node (tree_rows), with
@@ -397,12 +364,10 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
     tokens see the common prefix and their own block only (its tree_layout mask, relocated). N is
     about sum_b (P_b + C_b) - (B-1) P0, against B x max_b(P_b + C_b) padded, but the attention
     is N x N: meant for small tries and micro-batches (CPU), not for thousands of nodes each.
-
-    with_values: also Batch.target_values (child_value_means of every target entry).
     """
     if uniform_paths and max_nodes != 0:
         raise ValueError("uniform paths replace the target's own weights w(v): only with max_nodes = 0 (the paths alone)")
-    seqs, positions, keeps, gather, row_lens, ids, probs, weights, values = [], [], [], [], [], [], [], [], []
+    seqs, positions, keeps, gather, row_lens, ids, probs, weights = [], [], [], [], [], [], [], []
     for p in np.asarray(items)[:, 0]:
         prep = prompts[int(p)]
         trie = prep.trie
@@ -417,13 +382,10 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
         keeps.append(keep)
         row_of = {int(v): P + i for i, v in enumerate(tokens)} | {0: P - 1}
         gather.append([row_of[int(v)] for v in nodes])
-        means = child_value_means(prep) if with_values else None
         for v in nodes:
             lo, hi = int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])
             ids.append(trie.token_ids[lo:hi])
             probs.append(trie.probs[lo:hi])
-            if with_values:
-                values.append(means[lo:hi])
             row_lens.append(hi - lo)
         weights.append(w / global_batch)
     B, T = len(seqs), max(len(x) for x in seqs)
@@ -449,8 +411,7 @@ def build_tree_batch(prompts: Sequence, items: np.ndarray, *, pad_id: int, globa
                             torch.from_numpy(np.concatenate(probs).astype(np.float32)))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), torch.tensor(flat, dtype=torch.int64),
                  targets, torch.from_numpy(np.concatenate(weights).astype(np.float32)), int(mask.sum()),
-                 prefix_len, torch.from_numpy(position_ids), torch.from_numpy(tree_mask),
-                 torch.from_numpy(np.concatenate(values).astype(np.float32)) if values else None)
+                 prefix_len, torch.from_numpy(position_ids), torch.from_numpy(tree_mask))
 
 
 def pack_rows(seqs, positions, keeps, gather, prefix_len: int):

@@ -180,8 +180,7 @@ if master:
           f"{items_per_epoch} {'prompts' if tree_batches else 'sequences'}/epoch, {spe} steps/epoch, "
           f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else "")
           + (f" (family draws: {cfg.family_draws})" if cfg.family_draws else "")
-          + (f" ({cfg.samples_per_prompt} target + {cfg.uniform_paths} uniform paths per prompt)" if cfg.uniform_paths else "")
-          + (f" (conditional-mean term x {cfg.mean_weight:g})" if cfg.mean_weight else ""))
+          + (f" ({cfg.samples_per_prompt} target + {cfg.uniform_paths} uniform paths per prompt)" if cfg.uniform_paths else ""))
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
@@ -199,7 +198,7 @@ except ValueError as err:
     fail(str(err))
 model.train()
 objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp,
-                             off_support_weight=cfg.off_support_weight, mean_weight=cfg.mean_weight)
+                             off_support_weight=cfg.off_support_weight)
 trainable = [p for p in objective.parameters() if p.requires_grad]
 if cfg.fsdp:
     mp = (MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)  # CPU: fp32 params under autocast
@@ -345,12 +344,10 @@ while step < max_steps:
             batch = build_tree_batch(prompts, micro_items, pad_id=pad_id, global_batch=len(global_items),
                                      max_nodes=0 if cfg.share_prompt else cfg.trie_max_nodes,
                                      samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                     epoch=epoch, pack=cfg.trie_pack, uniform_paths=cfg.uniform_paths,
-                                     with_values=cfg.mean_weight > 0).to(device)
+                                     epoch=epoch, pack=cfg.trie_pack, uniform_paths=cfg.uniform_paths).to(device)
         else:
             batch = build_batch(prompts, micro_items, mode=cfg.mode, pad_id=pad_id, eos_id=eos_id,
-                                global_batch=len(global_items), global_positions=global_positions,
-                                with_values=cfg.mean_weight > 0).to(device)
+                                global_batch=len(global_items), global_positions=global_positions).to(device)
         if empty:
             batch.weights.zero_()
             batch.num_tokens = 0

@@ -80,9 +80,6 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = no clipping")
     off_support_weight: float = knob(0.0, "lambda x -log(model mass on a trained node's children) added to the "
                                      "loss: mass back on the support; 0 = off")
-    mean_weight: float = knob(0.0, "beta x the squared error, in target sds, of the model's conditional mean answer "
-                              "at each trained node (its mass on the node's children times their mean answers) "
-                              "added to the soft loss: weighs tail mass by how far it moves the mean; 0 = off")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
@@ -249,10 +246,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--trie-max-nodes applies to --mode trie")
     if cfg.share_prompt and cfg.mode != "soft":
         raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
-    if not 0 <= cfg.mean_weight < math.inf:
-        raise ValueError(f"--mean-weight must be >= 0 and finite (0 = off), got {cfg.mean_weight}")
-    if cfg.mean_weight and cfg.mode != "soft":
-        raise ValueError("--mean-weight compares the model's conditional mean with the soft target's: --mode soft only")
     if cfg.uniform_paths < 0:
         raise ValueError(f"--uniform-paths must be >= 0 (0 = off), got {cfg.uniform_paths}")
     if cfg.uniform_paths and not (cfg.mode == "soft" and cfg.share_prompt):

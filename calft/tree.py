@@ -311,8 +311,7 @@ def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
 # the training objective on one batch (calft.batching builds the Batch)
 
 class SoftTargetKLLoss(nn.Module):
-    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a calft.batching.Batch
-    (+ lambda x the off-support term, support_mixed_targets; + beta x conditional_mean_loss).
+    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a calft.batching.Batch.
 
     Wraps the model so that DDP / FSDP2 see one root module whose forward is the whole objective:
     the decoder runs over [B, T], only the N trained rows of its last hidden state reach the fused
@@ -320,11 +319,10 @@ class SoftTargetKLLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 share_prefix: bool = True, off_support_weight: float = 0.0, mean_weight: float = 0.0):
+                 share_prefix: bool = True, off_support_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.off_support_weight = off_support_weight  # lambda of support_mixed_targets; 0 = plain KL
-        self.mean_weight = mean_weight  # beta of conditional_mean_loss (needs Batch.target_values); 0 = off
         self.autocast_dtype = autocast_dtype
         # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
         # then the rest) loses the gathered weights that the first call's backward needs.
@@ -371,46 +369,10 @@ class SoftTargetKLLoss(nn.Module):
         weight, bias = lm_head_weight(self.model)
         rows = rows.to(weight.dtype)
         targets, weights = batch.targets, batch.weights
-        extra = 0.0
-        if self.mean_weight > 0:
-            if batch.target_values is None:
-                raise ValueError("mean_weight > 0 needs batches built with with_values=True")
-            extra = self.mean_weight * conditional_mean_loss(rows, weight, bias, targets, batch.target_values, weights)
         if self.off_support_weight > 0:
             targets, weights = support_mixed_targets(rows, weight, bias, targets, weights, self.off_support_weight)
         # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
-        return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum",
-                                     validate=False) + extra
-
-
-def conditional_mean_loss(rows, weight, bias, targets: SparseTargets, values, weights) -> torch.Tensor:
-    """``sum_r w_r (m_r - mu_r)^2 / 2``: the squared error of the answer's conditional mean at each row.
-
-    Row r is a trie node v with target children S (targets' CSR row) and values[k] = mu_k, the
-    target's mean answer below child k in the prompt's target sds (calft.batching.child_value_means).
-    mu_r = sum_k q_k mu_k is the target's conditional mean at v and m_r = sum_k p_S(k) mu_k the
-    model's, p_S = softmax of the logits z_k = W_k . h_r (+ b_k) renormalized on S, deeper levels taken
-    as the target's. d m_r / d z_k = p_S(k) (mu_k - m_r).
-
-    Why: a KL barely sees an error in a tail string's mass (q = 0.002 given 0.001 costs ~4e-4
-    nats) that moves the mean by 0.001 x its value (docs/calibration.md, 'Sessions 15-16'); this
-    term weighs each child's error by how far its answers lie from the node's mean. It is 0 exactly
-    where p_S = q, so it moves no optimum of the KL. Costs an [nnz, H] gather-dot with autograd.
-    """
-    N = targets.row_ptr.numel() - 1
-    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    row_of = torch.repeat_interleave(torch.arange(N, device=rows.device), targets.row_ptr.diff())  # [nnz]
-    z = (rows.to(dt)[row_of] * weight.to(dt)[targets.token_ids]).sum(-1)  # logits at S: [nnz]
-    if bias is not None:
-        z = z + bias.to(dt)[targets.token_ids]
-    with torch.no_grad():  # a per-row shift for exp's range: p_S does not depend on it
-        zmax = torch.full((N,), -torch.inf, dtype=dt, device=z.device).scatter_reduce(0, row_of, z, "amax")
-    e = (z - zmax[row_of]).exp()
-    p_s = e / torch.zeros(N, dtype=dt, device=z.device).index_add(0, row_of, e)[row_of]
-    mu = values.to(dt)
-    m_model = torch.zeros(N, dtype=dt, device=z.device).index_add(0, row_of, p_s * mu)
-    m_target = torch.zeros(N, dtype=dt, device=z.device).index_add(0, row_of, targets.probs.to(dt) * mu)
-    return 0.5 * (weights.to(dt) * (m_model - m_target) ** 2).sum()
+        return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum", validate=False)
 
 
 @torch.no_grad()

@@ -371,26 +371,6 @@ def test_uniform_paths_reach_the_training_batches(tiny_model_dir, tmp_path, caps
     assert losses[0] != losses[1]
 
 
-def test_mean_weight_adds_the_conditional_mean_term(tiny_model_dir, tmp_path, capsys):
-    """--mean-weight 2 on both soft batch layouts (one path per sequence; the tree of shared paths):
-    named at startup, kept in config.json, and step 0 (same weights, batch and dropout masks) logs
-    the plain run's loss plus a positive term (calft.tree.conditional_mean_loss's own tests check
-    its value and gradient); later losses finite."""
-    for layout in (["--no-share-prompt"], ["--share-prompt", "--samples-per-prompt", "2"]):
-        losses = {}
-        for beta in ("0", "2"):
-            out = tmp_path / f"mean{beta}{len(layout)}"
-            with threads(1):
-                run_inline(tiny_args(tiny_model_dir, out, *layout, "--mean-weight", beta), tmp_path / "cache")
-            startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
-            assert startup[0].endswith("(conditional-mean term x 2)") == (beta == "2"), startup
-            assert json.loads((out / "config.json").read_text())["mean_weight"] == float(beta)
-            losses[beta] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                            if '"loss"' in line]
-        assert len(losses["2"]) == 6 and all(math.isfinite(x) for x in losses["2"])
-        assert losses["2"][0] > losses["0"][0] * (1 + 1e-6), (layout, losses)
-
-
 def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
     """--family-balance --family-weights gaussian=2: 4 binomial + 2 x 4 gaussian = 12 sequences an
     epoch (batching.epoch_plan's hand-computed tests check the order), recorded in config.json."""
@@ -464,8 +444,6 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "family_weights_typo": (["--family-balance", "--family-weights", "gausian=2"], "did you mean 'gaussian'"),
     "family_weights_twice": (["--family-balance", "--family-weights", "gaussian=2,gaussian=3"], "given twice"),
     "family_weights_untrained": (["--family-balance", "--family-weights", "f_distribution=2"], "not among the families"),
-    "mean_weight_negative": (["--mean-weight", "-1"], "--mean-weight must be >= 0"),
-    "mean_weight_hard": (["--mode", "hard", "--mean-weight", "1"], "--mode soft only"),
     "uniform_paths_negative": (["--uniform-paths", "-1"], "--uniform-paths must be >= 0"),
     "uniform_paths_without_share": (["--uniform-paths", "1"], "applies to --mode soft with --share-prompt"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),

@@ -139,50 +139,6 @@ def test_uniform_paths_mean_path_loss_and_draws(tiny64, tiny_tokenizer, prepared
                          max_nodes=-1, uniform_paths=1)
 
 
-def test_child_value_means_are_subtree_means_in_target_sds(prepared):
-    """child_value_means: for each edge v -> c, E_p[x | path through c] standardized by the prompt's
-    target mean and sd, against a loop over the support strings; the target's conditional mean at
-    the root is 0 (the prompt's own mean); batches carry them entry by entry when asked."""
-    from calft.batching import child_value_means
-
-    for prep in prepared:
-        p, trie = normalized(prep), prep.trie
-        x = np.array([float(v) for v in prep.support.values])
-        mean = p @ x
-        sd = np.sqrt(p @ (x - mean) ** 2)
-        got = child_value_means(prep)
-        child = np.asarray(trie.child)
-        leaf = np.asarray(trie.sequence_leaf)  # path_nodes: the trained nodes, so not the leaf after EOS
-        paths = [set(trie.path_nodes(s).tolist()) | {int(leaf[s])} for s in range(p.size)]
-
-        def below(v):  # E_p[x | path through v] in target sds, None without mass
-            on = [s for s in range(p.size) if v in paths[s]]
-            return (p[on] @ x[on] / p[on].sum() - mean) / sd if p[on].sum() > 0 else None
-
-        zero_mass = 0
-        for v in range(trie.num_nodes):
-            for e in range(int(trie.row_ptr[v]), int(trie.row_ptr[v + 1])):
-                want = below(int(child[e]))
-                zero_mass += want is None  # strings of probability 0 only: the parent's mean instead
-                assert got[e] == pytest.approx(below(v) if want is None else want, abs=1e-9), e
-        assert zero_mass < child.size
-        lo, hi = int(trie.row_ptr[0]), int(trie.row_ptr[1])
-        assert abs(float(np.asarray(trie.probs[lo:hi]) @ got[lo:hi])) < 1e-9
-    items = np.array([[0, 0], [1, 0]])
-    tree = build_tree_batch(prepared, items, pad_id=0, global_batch=2, max_nodes=-1, with_values=True)
-    flat = build_batch(prepared, items, mode="soft", pad_id=0, eos_id=prepared[0].trie.token_ids[-1],
-                       global_batch=2, with_values=True)
-    for batch in (tree, flat):
-        assert batch.target_values.shape == batch.targets.token_ids.shape
-    assert build_tree_batch(prepared, items, pad_id=0, global_batch=2, max_nodes=-1).target_values is None
-    # the tree batch's rows in order: prompt 0's internal nodes, then prompt 1's
-    want = np.concatenate([np.concatenate([child_value_means(prepared[i])[int(prepared[i].trie.row_ptr[v]):
-                                                                             int(prepared[i].trie.row_ptr[v + 1])]
-                                           for v in tree_rows(prepared[i], max_nodes=-1, strings=np.array([]))[0]])
-                           for i in (0, 1)])
-    np.testing.assert_allclose(tree.target_values.numpy(), want, rtol=1e-6)
-
-
 def test_weights_are_visit_mass_over_path_length(prepared):
     """w(v) = sum_{s visits v} p(s)/(L_s+1); root: E[1/(L+1)]; all on one length = mass/(L+1)."""
     for prep in prepared:
