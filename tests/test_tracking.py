@@ -198,6 +198,15 @@ def test_missed_targets_names_every_miss():
     assert missed_targets(tracking) == [
         "sample_sd_within_2x 0.7 (target >= 0.75)", "in_support_rate 0.9 (target >= 0.95)",
         "sampled slope below 0.7 for b 0.50, c 0.10 (perfect sampler 0.95, sd 0.40)"]
+    # too steep: above 1.3, or above a perfect sampler's slope + 3 of its sds where that is higher
+    # (d: 0.99 + 3 x 0.42 = 2.25, so 2.2 passes; e: 1.00 + 3 x 0.02 < 1.3, so 1.35 misses; f: 154.6, a wild answer)
+    steep = {"per_family": {"d": {"sample_location_slope": 2.2, "perfect_location_slope": 0.99, "perfect_slope_sd": 0.42},
+                            "e": {"sample_location_slope": 1.35, "perfect_location_slope": 1.0, "perfect_slope_sd": 0.02},
+                            "f": {"sample_location_slope": 154.6, "perfect_location_slope": 0.99, "perfect_slope_sd": 0.42},
+                            "g": {"sample_location_slope": 1.3}}}  # no perfect sampler measured: 1.3 itself passes
+    assert missed_targets(steep) == ["sampled slope above max(1.3, perfect sampler + 3 sd) for e 1.35 (perfect "
+                                     "sampler 1.00, sd 0.02), f 154.60 (perfect sampler 0.99, sd 0.42)"]
+    assert missed_targets(steep, split="test_selected") == []
     # with the base model sampled on the same prompts: b's answers are further from the target than the base's
     worse = "sampled KS of every answer above the base model's for b 0.60 vs 0.55"
     assert missed_targets(tracking, base)[-1] == worse
