@@ -307,15 +307,16 @@ def missed_targets(tracking: dict, base_tracking: dict | None = None, *, split: 
         if not (value >= bound if op == ">=" else value <= bound):
             missed.append(f"{key} {value:.3g} (target {op} {bound})")
     fams = tracking.get("per_family", {})
-    slow = [f"{f} {m['sample_location_slope']:.2f}" + _perfect_note(m) for f, m in fams.items()
-            if split != BASE_COMPARISON_SPLIT and measured(m, "sample_location_slope") < FAMILY_SLOPE_TARGET]
-    if slow:
-        missed.append(f"sampled slope below {FAMILY_SLOPE_TARGET} for {', '.join(slow)}")
-    high = [f"{f} {m['sample_location_slope']:.2f}" + _perfect_note(m) for f, m in fams.items()
-            if split != BASE_COMPARISON_SPLIT and measured(m, "sample_location_slope") > slope_ceiling(m)]
-    if high:
+
+    def families_where(outside) -> str:  # "f 0.12 (perfect sampler 0.95, sd 0.40), ..." for outside(family, slope)
+        return ", ".join(f"{f} {m['sample_location_slope']:.2f}" + _perfect_note(m) for f, m in fams.items()
+                         if split != BASE_COMPARISON_SPLIT and outside(m, measured(m, "sample_location_slope")))
+
+    if slow := families_where(lambda m, slope: slope < FAMILY_SLOPE_TARGET):
+        missed.append(f"sampled slope below {FAMILY_SLOPE_TARGET} for {slow}")
+    if high := families_where(lambda m, slope: slope > slope_ceiling(m)):
         missed.append(f"sampled slope above max({FAMILY_SLOPE_CEILING}, perfect sampler + "
-                      f"{FAMILY_SLOPE_CEILING_SDS:g} sd) for {', '.join(high)}")
+                      f"{FAMILY_SLOPE_CEILING_SDS:g} sd) for {high}")
     if base_tracking is not None:
         base_ks = {f: measured(m, "median_sample_ks_all", float("inf")) for f, m in base_tracking.get("per_family", {}).items()}
         worse = [f"{f} {m['median_sample_ks_all']:.2f} vs {base_ks[f]:.2f}" for f, m in fams.items()
