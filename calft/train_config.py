@@ -80,6 +80,10 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = no clipping")
     off_support_weight: float = knob(0.0, "lambda x -log(model mass on a trained node's children) added to the "
                                      "loss: mass back on the support; 0 = off")
+    log_ratio_weight: float = knob(0.0, "gamma x the squared log-ratio of the model's to the target's mass on "
+                                   "each child of a trained node (floored at 1e-3, averaged over the node's "
+                                   "children) added to the soft loss: a tail child's error counts as much as "
+                                   "a likely one's; 0 = off")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
@@ -246,6 +250,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--trie-max-nodes applies to --mode trie")
     if cfg.share_prompt and cfg.mode != "soft":
         raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
+    if not 0 <= cfg.log_ratio_weight < math.inf:
+        raise ValueError(f"--log-ratio-weight must be >= 0 and finite (0 = off), got {cfg.log_ratio_weight}")
+    if cfg.log_ratio_weight and cfg.mode != "soft":
+        raise ValueError("--log-ratio-weight compares the model's mass with the soft target's: --mode soft only")
     if cfg.uniform_paths < 0:
         raise ValueError(f"--uniform-paths must be >= 0 (0 = off), got {cfg.uniform_paths}")
     if cfg.uniform_paths and not (cfg.mode == "soft" and cfg.share_prompt):

@@ -311,7 +311,8 @@ def score_trie(model, prompt_ids, trie, *, chunk_size: int = 256) -> np.ndarray:
 # the training objective on one batch (calft.batching builds the Batch)
 
 class SoftTargetKLLoss(nn.Module):
-    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a calft.batching.Batch.
+    """``loss = sum_r w_r KL(q_r || softmax(W h_r))`` over the trained rows of a calft.batching.Batch
+    (+ lambda x the off-support term, support_mixed_targets; + gamma x support_log_ratio_loss).
 
     Wraps the model so that DDP / FSDP2 see one root module whose forward is the whole objective:
     the decoder runs over [B, T], only the N trained rows of its last hidden state reach the fused
@@ -319,10 +320,11 @@ class SoftTargetKLLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 share_prefix: bool = True, off_support_weight: float = 0.0):
+                 share_prefix: bool = True, off_support_weight: float = 0.0, log_ratio_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.off_support_weight = off_support_weight  # lambda of support_mixed_targets; 0 = plain KL
+        self.log_ratio_weight = log_ratio_weight  # gamma of support_log_ratio_loss; 0 = off
         self.autocast_dtype = autocast_dtype
         # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
         # then the rest) loses the gathered weights that the first call's backward needs.
@@ -369,10 +371,54 @@ class SoftTargetKLLoss(nn.Module):
         weight, bias = lm_head_weight(self.model)
         rows = rows.to(weight.dtype)
         targets, weights = batch.targets, batch.weights
+        extra = 0.0
+        if self.log_ratio_weight > 0:  # on the plain targets: the mixed ones below are the model's own on S
+            extra = self.log_ratio_weight * support_log_ratio_loss(rows, weight, bias, targets, weights)
         if self.off_support_weight > 0:
             targets, weights = support_mixed_targets(rows, weight, bias, targets, weights, self.off_support_weight)
         # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
-        return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum", validate=False)
+        return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum",
+                                     validate=False) + extra
+
+
+def _support_log_probs(rows, weight, bias, targets: SparseTargets):
+    """log p_S at each target entry: the model's softmax at row r restricted to the row's target ids
+    S and renormalized there, from the [nnz] logits W_k . h_r (+ b_k) alone. Returns (row_of [nnz],
+    log p_S [nnz]) in fp32 at least; differentiable."""
+    N = targets.row_ptr.numel() - 1
+    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32  # fp32 at least, as the loss
+    row_of = torch.repeat_interleave(torch.arange(N, device=rows.device), targets.row_ptr.diff())  # [nnz]
+    z = (rows.to(dt)[row_of] * weight.to(dt)[targets.token_ids]).sum(-1)  # logits at S: [nnz]
+    if bias is not None:
+        z = z + bias.to(dt)[targets.token_ids]
+    with torch.no_grad():  # a per-row shift for exp's range: p_S does not depend on it
+        zmax = torch.full((N,), -torch.inf, dtype=dt, device=z.device).scatter_reduce(0, row_of, z, "amax")
+    z = z - zmax[row_of]
+    log_norm = torch.zeros(N, dtype=dt, device=z.device).index_add(0, row_of, z.exp()).log()
+    return row_of, z - log_norm[row_of]
+
+
+LOG_RATIO_FLOOR = 1e-3  # eps of support_log_ratio_loss: below it, a child's mass error stops counting
+
+
+def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, eps: float = LOG_RATIO_FLOOR):
+    """``sum_r w_r mean_{k in S_r} (log(p_S(k) + eps) - log(q_k + eps))^2 / 2``: each child's mass
+    error as a ratio, with the same say for every child of a node.
+
+    S_r: row r's target ids (a trie node's children), q their target masses, p_S the model's softmax
+    restricted to S and renormalized (_support_log_probs). With e_k = log(p_S(k)+eps) - log(q_k+eps)
+    and a_k = p_S(k) / (p_S(k) + eps), d/dz_k = (a_k e_k - p_S(k) sum_j a_j e_j) / |S_r| (times w_r):
+    about e_k / |S_r| for a child above eps, whatever its mass, where the KL's is q_k - p(k), at most
+    that mass (docs/calibration.md, 'Session 17'). The floor eps keeps children the target barely
+    visits (q ~ 1e-6 at a 0.1% window's edge) from dominating: below eps, ratios stop mattering.
+    It is 0 exactly where p_S = q, so it moves no optimum of the KL on the support.
+    """
+    row_of, log_ps = _support_log_probs(rows, weight, bias, targets)
+    dt = log_ps.dtype
+    N = targets.row_ptr.numel() - 1
+    err = (log_ps.exp() + eps).log() - (targets.probs.to(dt) + eps).log()  # [nnz]
+    per_row = torch.zeros(N, dtype=dt, device=err.device).index_add(0, row_of, err * err / 2)
+    return (weights.to(dt) * per_row / targets.row_ptr.diff().clamp(min=1).to(dt)).sum()
 
 
 @torch.no_grad()
@@ -385,14 +431,6 @@ def support_mixed_targets(rows, weight, bias, targets: SparseTargets, weights, l
     (1 + lam) x the KL gradient toward q' = (q + lam p_S) / (1 + lam), a distribution on S: the same
     op with target q' and weight (1 + lam) w. Costs one [nnz, H] gather-dot (nnz = target entries).
     """
-    N = targets.row_ptr.numel() - 1
-    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32  # fp32 at least, as the loss
-    row_of = torch.repeat_interleave(torch.arange(N, device=rows.device), targets.row_ptr.diff())  # [nnz]
-    z = (rows.to(dt)[row_of] * weight.to(dt)[targets.token_ids]).sum(-1)  # logits at S: [nnz]
-    if bias is not None:
-        z = z + bias.to(dt)[targets.token_ids]
-    zmax = torch.full((N,), -torch.inf, dtype=dt, device=z.device).scatter_reduce(0, row_of, z, "amax")
-    e = (z - zmax[row_of]).exp()
-    p_s = e / torch.zeros(N, dtype=dt, device=z.device).index_add_(0, row_of, e)[row_of]
-    q = (targets.probs.to(dt) + lam * p_s) / (1.0 + lam)
+    _, log_ps = _support_log_probs(rows, weight, bias, targets)
+    q = (targets.probs.to(log_ps.dtype) + lam * log_ps.exp()) / (1.0 + lam)
     return SparseTargets(targets.row_ptr, targets.token_ids, q.to(targets.probs.dtype)), weights * (1.0 + lam)

@@ -260,3 +260,63 @@ def test_support_mixed_targets_give_the_gradient_of_kl_plus_off_support_term():
     g, = torch.autograd.grad(linear_soft_target_kl(rows, W, targets, weights=weights, reduction="sum"), rows)
     err = (g - g_ref).abs().max().item()
     assert err < 1e-6 * g_ref.abs().max().item(), f"max gradient error {err:.3g}"
+
+
+def test_support_log_ratio_loss_hand_case_and_dense_float64_oracle():
+    """calft.tree.support_log_ratio_loss: sum_r w_r mean_{k in S} (log(p_S(k)+eps) - log(q_k+eps))^2 / 2.
+
+    Hand case: logits (0, ln 3) on S -> p_S = (1/4, 3/4); q = (1/2, 1/2), eps = 0 -> errors
+    (ln 1/2, ln 3/2), w = 2 -> 2 x ((ln 2)^2 + (ln 1.5)^2) / 4. Then value and gradients (rows, W,
+    bias) against a dense float64 oracle (the full-vocabulary softmax, restricted to S and
+    renormalized) on rows of 2, 3 and 1 entries at the default floor; a tail child's gradient is
+    not scaled by its mass as the KL's is; 0 with a zero gradient where p_S = q.
+    """
+    from calft.losses import SparseTargets
+    from calft.tree import LOG_RATIO_FLOOR, support_log_ratio_loss
+
+    h = torch.ones(1, 1, dtype=torch.float64)
+    W = torch.tensor([[0.0], [5.0], [np.log(3.0)]], dtype=torch.float64)
+    t = SparseTargets(torch.tensor([0, 2]), torch.tensor([0, 2]), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    got = support_log_ratio_loss(h, W, None, t, torch.tensor([2.0], dtype=torch.float64), eps=0.0)
+    assert float(got) == pytest.approx(2 * (np.log(2.0) ** 2 + np.log(1.5) ** 2) / 4, rel=1e-12)
+
+    torch.manual_seed(0)
+    N, H, V, eps = 3, 5, 11, LOG_RATIO_FLOOR
+    rows = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    Wr = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    rp, ids = torch.tensor([0, 2, 5, 6]), torch.tensor([1, 4, 0, 2, 3, 7])
+    q = torch.tensor([0.3, 0.7, 0.0005, 0.5, 0.4995, 1.0], dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    probs = (rows @ Wr.T + b).softmax(-1)  # dense [N, V]
+    ref = 0.0
+    for r in range(N):
+        S = slice(int(rp[r]), int(rp[r + 1]))
+        p_s = probs[r, ids[S]] / probs[r, ids[S]].sum()
+        ref = ref + w[r] * (((p_s + eps).log() - (q[S] + eps).log()) ** 2 / 2).mean()
+    g_ref = torch.autograd.grad(ref, (rows, Wr, b))
+    got = support_log_ratio_loss(rows, Wr, b, SparseTargets(rp, ids, q), w)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12) and float(ref.detach()) > 1e-3
+    for g, gr in zip(torch.autograd.grad(got, (rows, Wr, b)), g_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
+
+    # a tail child at 0.02 for a target of 0.002 (one row, logits as free parameters): its logit's
+    # gradient is ~ e_k / |S| = ln(0.021 / 0.003) / 2 ~ 0.9, where the KL's is p - q = 0.018
+    q = torch.tensor([0.998, 0.002], dtype=torch.float64)
+    z = torch.tensor([np.log(0.98), np.log(0.02)], dtype=torch.float64, requires_grad=True)
+    loss = support_log_ratio_loss(torch.ones(1, 1, dtype=torch.float64), z[:, None], None,
+                                  SparseTargets(torch.tensor([0, 2]), torch.tensor([0, 1]), q),
+                                  torch.ones(1, dtype=torch.float64))
+    g, = torch.autograd.grad(loss, z)
+    assert float(g[1]) > 0.5 and float(g[1]) > 20 * (0.02 - 0.002), g
+
+    # p_S = q: logits log q on S (one-hot rows h, W = log q at each id): no loss, no gradient
+    h = torch.eye(2, dtype=torch.float64, requires_grad=True)
+    W = torch.zeros(4, 2, dtype=torch.float64)
+    W[1, 0], W[3, 0] = np.log(0.2), np.log(0.8)
+    W[0, 1], W[2, 1] = np.log(0.6), np.log(0.4)
+    t = SparseTargets(torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0, 2]),
+                      torch.tensor([0.2, 0.8, 0.6, 0.4], dtype=torch.float64))
+    zero = support_log_ratio_loss(h, W, None, t, torch.ones(2, dtype=torch.float64))
+    g, = torch.autograd.grad(zero, h)
+    assert abs(float(zero.detach())) < 1e-24 and g.abs().max() < 1e-12

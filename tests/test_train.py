@@ -371,6 +371,26 @@ def test_uniform_paths_reach_the_training_batches(tiny_model_dir, tmp_path, caps
     assert losses[0] != losses[1]
 
 
+def test_log_ratio_weight_adds_its_term(tiny_model_dir, tmp_path, capsys):
+    """--log-ratio-weight 2 on both soft batch layouts (one path per sequence; the tree of shared
+    paths): named at startup, kept in config.json, and step 0 (same weights, batch and dropout
+    masks) logs the plain run's loss plus a positive term (calft.tree.support_log_ratio_loss's own
+    test checks its value and gradient); later losses finite."""
+    for layout in (["--no-share-prompt"], ["--share-prompt", "--samples-per-prompt", "2"]):
+        losses = {}
+        for gamma in ("0", "2"):
+            out = tmp_path / f"logratio{gamma}{len(layout)}"
+            with threads(1):
+                run_inline(tiny_args(tiny_model_dir, out, *layout, "--log-ratio-weight", gamma), tmp_path / "cache")
+            startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
+            assert startup[0].endswith("(log-ratio term x 2)") == (gamma == "2"), startup
+            assert json.loads((out / "config.json").read_text())["log_ratio_weight"] == float(gamma)
+            losses[gamma] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                             if '"loss"' in line]
+        assert len(losses["2"]) == 6 and all(math.isfinite(x) for x in losses["2"])
+        assert losses["2"][0] > losses["0"][0] * (1 + 1e-6), (layout, losses)
+
+
 def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
     """--family-balance --family-weights gaussian=2: 4 binomial + 2 x 4 gaussian = 12 sequences an
     epoch (batching.epoch_plan's hand-computed tests check the order), recorded in config.json."""
@@ -444,6 +464,8 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "family_weights_typo": (["--family-balance", "--family-weights", "gausian=2"], "did you mean 'gaussian'"),
     "family_weights_twice": (["--family-balance", "--family-weights", "gaussian=2,gaussian=3"], "given twice"),
     "family_weights_untrained": (["--family-balance", "--family-weights", "f_distribution=2"], "not among the families"),
+    "log_ratio_weight_negative": (["--log-ratio-weight", "-1"], "--log-ratio-weight must be >= 0"),
+    "log_ratio_weight_hard": (["--mode", "hard", "--log-ratio-weight", "1"], "--mode soft only"),
     "uniform_paths_negative": (["--uniform-paths", "-1"], "--uniform-paths must be >= 0"),
     "uniform_paths_without_share": (["--uniform-paths", "1"], "applies to --mode soft with --share-prompt"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
