@@ -408,7 +408,7 @@ def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, 
     S_r: row r's target ids (a trie node's children), q their target masses, p_S the model's softmax
     restricted to S and renormalized (_support_log_probs). With e_k = log(p_S(k)+eps) - log(q_k+eps)
     and a_k = p_S(k) / (p_S(k) + eps), d/dz_k = (a_k e_k - p_S(k) sum_j a_j e_j) / |S_r| (times w_r):
-    about e_k / |S_r| for a child above eps, whatever its mass, where the KL's is q_k - p(k), at most
+    about e_k / |S_r| for a child above eps, whatever its mass, where the KL's is p_k - q_k, at most
     that mass (docs/calibration.md, 'Session 17'). The floor eps keeps children the target barely
     visits (q ~ 1e-6 at a 0.1% window's edge) from dominating: below eps, ratios stop mattering.
     It is 0 exactly where p_S = q, so it moves no optimum of the KL on the support.
