@@ -83,7 +83,8 @@ class TrainConfig:
     log_ratio_weight: float = knob(0.0, "gamma x the squared log-ratio of the model's to the target's mass on "
                                    "each child of a trained node (floored at 1e-3, averaged over the node's "
                                    "children) added to the soft loss: a tail child's error counts as much as "
-                                   "a likely one's; 0 = off")
+                                   "a likely one's; experimental: one of three long-dense seeds diverged with "
+                                   "it (docs/calibration.md); 0 = off")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
