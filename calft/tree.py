@@ -373,13 +373,13 @@ class SoftTargetKLLoss(nn.Module):
         targets, weights = batch.targets, batch.weights
         extra = 0.0
         # both terms need the model's softmax on each row's support: one [nnz, H] gather-dot for the two
-        log_ps = _support_log_probs(rows, weight, bias, targets)[1] if self.log_ratio_weight > 0 else None
+        support = _support_log_probs(rows, weight, bias, targets) if self.log_ratio_weight > 0 else None
         if self.log_ratio_weight > 0:  # on the plain targets: the mixed ones below are the model's own on S
             extra = self.log_ratio_weight * support_log_ratio_loss(rows, weight, bias, targets, weights,
-                                                                   log_ps=log_ps)
+                                                                   support=support)
         if self.off_support_weight > 0:
             targets, weights = support_mixed_targets(rows, weight, bias, targets, weights, self.off_support_weight,
-                                                     log_ps=log_ps)
+                                                     support=support)
         # the loss itself is fp32 (docs/method.md, section 'The loss' fix): the op upcasts bf16 inputs internally
         return linear_soft_target_kl(rows, weight, targets, bias=bias, weights=weights, reduction="sum",
                                      validate=False) + extra
@@ -406,7 +406,7 @@ LOG_RATIO_FLOOR = 1e-3  # eps of support_log_ratio_loss: below it, a child's mas
 
 
 def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, eps: float = LOG_RATIO_FLOOR,
-                           log_ps: torch.Tensor | None = None):
+                           support: tuple | None = None):
     """``sum_r w_r mean_{k in S_r} (log(p_S(k) + eps) - log(q_k + eps))^2 / 2``: each child's mass
     error as a ratio, with the same say for every child of a node.
 
@@ -416,14 +416,12 @@ def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, 
     about e_k / |S_r| for a child above eps, whatever its mass, where the KL's is p_k - q_k, at most
     that mass (docs/calibration.md, 'Session 17'). The floor eps keeps children the target barely
     visits (q ~ 1e-6 at a 0.1% window's edge) from dominating: below eps, ratios stop mattering.
-    It is 0 exactly where p_S = q, so it moves no optimum of the KL on the support. `log_ps`: the
-    [nnz] log p_S of _support_log_probs when the caller has it already (computed here otherwise).
+    It is 0 exactly where p_S = q, so it moves no optimum of the KL on the support. `support`: the
+    (row_of, log p_S) of _support_log_probs when the caller has it already (computed here otherwise).
     """
-    if log_ps is None:
-        log_ps = _support_log_probs(rows, weight, bias, targets)[1]
+    row_of, log_ps = support or _support_log_probs(rows, weight, bias, targets)
     dt = log_ps.dtype
     N = targets.row_ptr.numel() - 1
-    row_of = torch.repeat_interleave(torch.arange(N, device=log_ps.device), targets.row_ptr.diff())  # [nnz]
     err = (log_ps.exp() + eps).log() - (targets.probs.to(dt) + eps).log()  # [nnz]
     per_row = torch.zeros(N, dtype=dt, device=err.device).index_add(0, row_of, err * err / 2)
     return (weights.to(dt) * per_row / targets.row_ptr.diff().clamp(min=1).to(dt)).sum()
@@ -431,7 +429,7 @@ def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, 
 
 @torch.no_grad()
 def support_mixed_targets(rows, weight, bias, targets: SparseTargets, weights, lam: float,
-                          log_ps: torch.Tensor | None = None):
+                          support: tuple | None = None):
     """Targets and weights whose soft-target KL has the gradient of KL(q || p) + lam * (-log P_S).
 
     P_S = sum_{k in S} p_k is the model's mass on the row's target ids S (the trie's children):
@@ -439,10 +437,8 @@ def support_mixed_targets(rows, weight, bias, targets: SparseTargets, weights, l
     with p_S the model's softmax renormalized on S (held fixed: no gradient through it). That is
     (1 + lam) x the KL gradient toward q' = (q + lam p_S) / (1 + lam), a distribution on S: the same
     op with target q' and weight (1 + lam) w. Costs one [nnz, H] gather-dot (nnz = target entries),
-    none when the caller passes that [nnz] log p_S as `log_ps` (support_log_ratio_loss's).
+    none when the caller passes _support_log_probs's (row_of, log p_S) as `support`.
     """
-    if log_ps is None:
-        log_ps = _support_log_probs(rows, weight, bias, targets)[1]
-    log_ps = log_ps.detach()
+    log_ps = (support or _support_log_probs(rows, weight, bias, targets))[1].detach()
     q = (targets.probs.to(log_ps.dtype) + lam * log_ps.exp()) / (1.0 + lam)
     return SparseTargets(targets.row_ptr, targets.token_ids, q.to(targets.probs.dtype)), weights * (1.0 + lam)

@@ -302,12 +302,12 @@ def test_support_log_ratio_loss_hand_case_and_dense_float64_oracle():
     # SoftTargetKLLoss hands both support terms one log p_S: the same value, gradients and mixed targets
     from calft.tree import _support_log_probs, support_mixed_targets
     t = SparseTargets(rp, ids, q)
-    log_ps = _support_log_probs(rows, Wr, b, t)[1]
-    shared = support_log_ratio_loss(rows, Wr, b, t, w, log_ps=log_ps)
+    support = _support_log_probs(rows, Wr, b, t)
+    shared = support_log_ratio_loss(rows, Wr, b, t, w, support=support)
     assert float(shared.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
     for g, gr in zip(torch.autograd.grad(shared, (rows, Wr, b)), g_ref):
         torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
-    mixed, mixed_w = support_mixed_targets(rows, Wr, b, t, w, 0.5, log_ps=log_ps)
+    mixed, mixed_w = support_mixed_targets(rows, Wr, b, t, w, 0.5, support=support)
     own, own_w = support_mixed_targets(rows, Wr, b, t, w, 0.5)
     assert not mixed.probs.requires_grad and torch.equal(mixed.probs, own.probs) and torch.equal(mixed_w, own_w)
 
