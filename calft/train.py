@@ -181,7 +181,8 @@ if master:
           f"{max_steps} steps" + (f" (family weights: {cfg.family_weights})" if family_weights else "")
           + (f" (family draws: {cfg.family_draws})" if cfg.family_draws else "")
           + (f" ({cfg.samples_per_prompt} target + {cfg.uniform_paths} uniform paths per prompt)" if cfg.uniform_paths else "")
-          + (f" (log-ratio term x {cfg.log_ratio_weight:g})" if cfg.log_ratio_weight else ""))
+          + (f" (log-ratio term x {cfg.log_ratio_weight:g}"
+             + (f", Huber cap {cfg.log_ratio_cap:g}" if cfg.log_ratio_cap else "") + ")" if cfg.log_ratio_weight else ""))
 
 # ------------------------------------------------------------------------------------------------
 # model + PEFT: frozen base (bf16 on CUDA, fp32 on CPU), fp32 LoRA weights
@@ -199,7 +200,8 @@ except ValueError as err:
     fail(str(err))
 model.train()
 objective = SoftTargetKLLoss(model, autocast_dtype=autocast_dtype, share_prefix=not cfg.fsdp,
-                             off_support_weight=cfg.off_support_weight, log_ratio_weight=cfg.log_ratio_weight)
+                             off_support_weight=cfg.off_support_weight, log_ratio_weight=cfg.log_ratio_weight,
+                             log_ratio_cap=cfg.log_ratio_cap)
 trainable = [p for p in objective.parameters() if p.requires_grad]
 if cfg.fsdp:
     mp = (MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)  # CPU: fp32 params under autocast

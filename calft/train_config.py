@@ -85,6 +85,9 @@ class TrainConfig:
                                    "children) added to the soft loss: a tail child's error counts as much as "
                                    "a likely one's; experimental: one of three long-dense seeds diverged with "
                                    "it (docs/calibration.md); 0 = off")
+    log_ratio_cap: float = knob(0.0, "delta of a Huber cap on --log-ratio-weight's log-ratio: beyond it the "
+                                "term grows linearly, so one child's push is at most delta (as the KL's "
+                                "p - q is at most 1); experimental; 0 = squared, no cap")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
@@ -253,6 +256,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--share-prompt applies to --mode soft (trie mode always shares the prompt)")
     if not 0 <= cfg.log_ratio_weight < math.inf:
         raise ValueError(f"--log-ratio-weight must be >= 0 and finite (0 = off), got {cfg.log_ratio_weight}")
+    if not 0 <= cfg.log_ratio_cap < math.inf:
+        raise ValueError(f"--log-ratio-cap must be >= 0 and finite (0 = no cap), got {cfg.log_ratio_cap}")
+    if cfg.log_ratio_cap and not cfg.log_ratio_weight:
+        raise ValueError("--log-ratio-cap caps the term of --log-ratio-weight: set that too")
     if cfg.log_ratio_weight and cfg.mode != "soft":
         raise ValueError("--log-ratio-weight compares the model's mass with the soft target's: --mode soft only")
     if cfg.uniform_paths < 0:

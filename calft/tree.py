@@ -36,6 +36,7 @@ import inspect
 import numpy as np
 import torch
 
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -320,11 +321,13 @@ class SoftTargetKLLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 share_prefix: bool = True, off_support_weight: float = 0.0, log_ratio_weight: float = 0.0):
+                 share_prefix: bool = True, off_support_weight: float = 0.0, log_ratio_weight: float = 0.0,
+                 log_ratio_cap: float = 0.0):
         super().__init__()
         self.model = model
         self.off_support_weight = off_support_weight  # lambda of support_mixed_targets; 0 = plain KL
         self.log_ratio_weight = log_ratio_weight  # gamma of support_log_ratio_loss; 0 = off
+        self.log_ratio_cap = log_ratio_cap  # its delta: the largest push on one child's logit; 0 = none
         self.autocast_dtype = autocast_dtype
         # FSDP2 reshards a block after its forward; a block called twice in one forward (prefix,
         # then the rest) loses the gathered weights that the first call's backward needs.
@@ -372,11 +375,12 @@ class SoftTargetKLLoss(nn.Module):
         rows = rows.to(weight.dtype)
         targets, weights = batch.targets, batch.weights
         extra = 0.0
-        # both terms need the model's softmax on each row's support: one [nnz, H] gather-dot for the two
-        support = _support_log_probs(rows, weight, bias, targets) if self.log_ratio_weight > 0 else None
+        support = None
         if self.log_ratio_weight > 0:  # on the plain targets: the mixed ones below are the model's own on S
+            # both terms need the model's softmax on each row's support: one [nnz, H] gather-dot for the two
+            support = _support_log_probs(rows, weight, bias, targets)
             extra = self.log_ratio_weight * support_log_ratio_loss(rows, weight, bias, targets, weights,
-                                                                   support=support)
+                                                                   support=support, cap=self.log_ratio_cap)
         if self.off_support_weight > 0:
             targets, weights = support_mixed_targets(rows, weight, bias, targets, weights, self.off_support_weight,
                                                      support=support)
@@ -406,7 +410,7 @@ LOG_RATIO_FLOOR = 1e-3  # eps of support_log_ratio_loss: below it, a child's mas
 
 
 def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, eps: float = LOG_RATIO_FLOOR,
-                           support: tuple | None = None):
+                           support: tuple | None = None, cap: float = 0.0):
     """``sum_r w_r mean_{k in S_r} (log(p_S(k) + eps) - log(q_k + eps))^2 / 2``: each child's mass
     error as a ratio, with the same say for every child of a node.
 
@@ -418,12 +422,15 @@ def support_log_ratio_loss(rows, weight, bias, targets: SparseTargets, weights, 
     visits (q ~ 1e-6 at a 0.1% window's edge) from dominating: below eps, ratios stop mattering.
     It is 0 exactly where p_S = q, so it moves no optimum of the KL on the support. `support`: the
     (row_of, log p_S) of _support_log_probs when the caller has it already (computed here otherwise).
+    `cap` = delta > 0 puts the Huber loss in place of e^2 / 2 (delta (|e| - delta / 2) for |e| > delta):
+    one child's push is then at most delta, as the KL's p - q is at most 1 (|e| reaches ln(1/eps) ~ 6.9).
     """
     row_of, log_ps = support or _support_log_probs(rows, weight, bias, targets)
     dt = log_ps.dtype
     N = targets.row_ptr.numel() - 1
     err = (log_ps.exp() + eps).log() - (targets.probs.to(dt) + eps).log()  # [nnz]
-    per_row = torch.zeros(N, dtype=dt, device=err.device).index_add(0, row_of, err * err / 2)
+    per_child = err * err / 2 if cap <= 0 else F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=cap)
+    per_row = torch.zeros(N, dtype=dt, device=err.device).index_add(0, row_of, per_child)
     return (weights.to(dt) * per_row / targets.row_ptr.diff().clamp(min=1).to(dt)).sum()
 
 

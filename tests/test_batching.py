@@ -279,6 +279,9 @@ def test_support_log_ratio_loss_hand_case_and_dense_float64_oracle():
     t = SparseTargets(torch.tensor([0, 2]), torch.tensor([0, 2]), torch.tensor([0.5, 0.5], dtype=torch.float64))
     got = support_log_ratio_loss(h, W, None, t, torch.tensor([2.0], dtype=torch.float64), eps=0.0)
     assert float(got) == pytest.approx(2 * (np.log(2.0) ** 2 + np.log(1.5) ** 2) / 4, rel=1e-12)
+    # Huber cap delta = 0.5: |ln 1/2| = 0.69 > 0.5 counts 0.5 x (0.69 - 0.25); ln 1.5 = 0.41 stays squared
+    got = support_log_ratio_loss(h, W, None, t, torch.tensor([2.0], dtype=torch.float64), eps=0.0, cap=0.5)
+    assert float(got) == pytest.approx(2 * (0.5 * (np.log(2.0) - 0.25) + np.log(1.5) ** 2 / 2) / 2, rel=1e-12)
 
     torch.manual_seed(0)
     N, H, V, eps = 3, 5, 11, LOG_RATIO_FLOOR
@@ -298,6 +301,19 @@ def test_support_log_ratio_loss_hand_case_and_dense_float64_oracle():
     got = support_log_ratio_loss(rows, Wr, b, SparseTargets(rp, ids, q), w)
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12) and float(ref.detach()) > 1e-3
     for g, gr in zip(torch.autograd.grad(got, (rows, Wr, b)), g_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
+    # the capped term against the same oracle with the Huber branch written out
+    delta, ref_cap = 0.3, 0.0
+    probs = (rows @ Wr.T + b).softmax(-1)  # a fresh graph: the one above was freed by autograd.grad
+    for r in range(N):
+        S = slice(int(rp[r]), int(rp[r + 1]))
+        p_s = probs[r, ids[S]] / probs[r, ids[S]].sum()
+        e = (p_s + eps).log() - (q[S] + eps).log()
+        ref_cap = ref_cap + w[r] * torch.where(e.abs() <= delta, e * e / 2, delta * (e.abs() - delta / 2)).mean()
+    got = support_log_ratio_loss(rows, Wr, b, SparseTargets(rp, ids, q), w, cap=delta)
+    assert float(got.detach()) == pytest.approx(float(ref_cap.detach()), rel=1e-12)
+    assert float(got.detach()) < float(ref.detach())  # some |e| > 0.3 here: the cap lowers the term
+    for g, gr in zip(torch.autograd.grad(got, (rows, Wr, b)), torch.autograd.grad(ref_cap, (rows, Wr, b))):
         torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
     # SoftTargetKLLoss hands both support terms one log p_S: the same value, gradients and mixed targets
     from calft.tree import _support_log_probs, support_mixed_targets

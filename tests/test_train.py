@@ -375,20 +375,23 @@ def test_log_ratio_weight_adds_its_term(tiny_model_dir, tmp_path, capsys):
     """--log-ratio-weight 2 on both soft batch layouts (one path per sequence; the tree of shared
     paths): named at startup, kept in config.json, and step 0 (same weights, batch and dropout
     masks) logs the plain run's loss plus a positive term (calft.tree.support_log_ratio_loss's own
-    test checks its value and gradient); later losses finite."""
+    test checks its value and gradient), a smaller one under --log-ratio-cap; later losses finite."""
     for layout in (["--no-share-prompt"], ["--share-prompt", "--samples-per-prompt", "2"]):
         losses = {}
-        for gamma in ("0", "2"):
-            out = tmp_path / f"logratio{gamma}{len(layout)}"
+        for gamma, cap in (("0", []), ("2", []), ("2", ["--log-ratio-cap", "0.05"])):
+            out = tmp_path / f"logratio{gamma}{len(cap)}{len(layout)}"
             with threads(1):
-                run_inline(tiny_args(tiny_model_dir, out, *layout, "--log-ratio-weight", gamma), tmp_path / "cache")
+                run_inline(tiny_args(tiny_model_dir, out, *layout, "--log-ratio-weight", gamma, *cap), tmp_path / "cache")
             startup = [line for line in capsys.readouterr().out.splitlines() if "prompts from" in line]
-            assert startup[0].endswith("(log-ratio term x 2)") == (gamma == "2"), startup
+            tail = "(log-ratio term x 2, Huber cap 0.05)" if cap else "(log-ratio term x 2)"
+            assert startup[0].endswith(tail) == (gamma == "2"), startup
             assert json.loads((out / "config.json").read_text())["log_ratio_weight"] == float(gamma)
-            losses[gamma] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                             if '"loss"' in line]
-        assert len(losses["2"]) == 6 and all(math.isfinite(x) for x in losses["2"])
+            losses[gamma + "c" * bool(cap)] = [json.loads(line)["loss"] for line in
+                                                (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        assert len(losses["2"]) == 6 and all(math.isfinite(x) for x in losses["2"] + losses["2c"])
         assert losses["2"][0] > losses["0"][0] * (1 + 1e-6), (layout, losses)
+        # the cap only lowers the term (Huber <= e^2 / 2), and on the tiny model some |e| exceeds 0.05
+        assert losses["0"][0] * (1 + 1e-6) < losses["2c"][0] < losses["2"][0] * (1 - 1e-6), (layout, losses)
 
 
 def test_family_weights_scale_a_family_share(tiny_model_dir, tmp_path, capsys):
@@ -466,6 +469,8 @@ BAD_INPUT = {  # case -> (extra flags, words the one-line error must contain)
     "family_weights_untrained": (["--family-balance", "--family-weights", "f_distribution=2"], "not among the families"),
     "log_ratio_weight_negative": (["--log-ratio-weight", "-1"], "--log-ratio-weight must be >= 0"),
     "log_ratio_weight_hard": (["--mode", "hard", "--log-ratio-weight", "1"], "--mode soft only"),
+    "log_ratio_cap_negative": (["--log-ratio-weight", "1", "--log-ratio-cap", "-1"], "--log-ratio-cap must be >= 0"),
+    "log_ratio_cap_alone": (["--log-ratio-cap", "1"], "--log-ratio-cap caps the term of --log-ratio-weight"),
     "uniform_paths_negative": (["--uniform-paths", "-1"], "--uniform-paths must be >= 0"),
     "uniform_paths_without_share": (["--uniform-paths", "1"], "applies to --mode soft with --share-prompt"),
     "snapshot_past_end": (["--snapshot-steps", "3,99"], "past the last step (6)"),
