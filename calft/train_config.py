@@ -84,7 +84,7 @@ class TrainConfig:
                                    "each child of a trained node (floored at 1e-3, averaged over the node's "
                                    "children) added to the soft loss: a tail child's error counts as much as "
                                    "a likely one's; experimental: one of three long-dense seeds diverged with "
-                                   "it (docs/calibration.md); 0 = off")
+                                   "it, none of two with --log-ratio-cap 1 (docs/calibration.md); 0 = off")
     log_ratio_cap: float = knob(0.0, "delta of a Huber cap on --log-ratio-weight's log-ratio: beyond it the "
                                 "term grows linearly, so one child's push is at most delta (as the KL's "
                                 "p - q is at most 1); experimental; 0 = squared, no cap")
