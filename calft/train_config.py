@@ -83,11 +83,11 @@ class TrainConfig:
     log_ratio_weight: float = knob(0.0, "gamma x the squared log-ratio of the model's to the target's mass on "
                                    "each child of a trained node (floored at 1e-3, averaged over the node's "
                                    "children) added to the soft loss: a tail child's error counts as much as "
-                                   "a likely one's; experimental: one of three long-dense seeds diverged with "
-                                   "it, none of two with --log-ratio-cap 1 (docs/calibration.md); 0 = off")
+                                   "a likely one's; uncapped, one of three long-dense seeds diverged, with "
+                                   "--log-ratio-cap 1 none of three did (docs/calibration.md); 0 = off")
     log_ratio_cap: float = knob(0.0, "delta of a Huber cap on --log-ratio-weight's log-ratio: beyond it the "
                                 "term grows linearly, so one child's push is at most delta (as the KL's "
-                                "p - q is at most 1); experimental; 0 = squared, no cap")
+                                "p - q is at most 1); 0 = squared, no cap")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS)
     # LoRA
     lora_r: int = knob(16, "LoRA rank")
@@ -135,8 +135,10 @@ _LONG = {**_QUICK, "max_prompts_per_family": -1, "max_steps": 960, "family_balan
 RECIPES = {
     "quick": _QUICK,
     "long": _LONG,
-    # twice long's steps plus 121 prompts per family drawn between the grid points: every family follows
-    "long-dense": {**_LONG, "max_steps": 1920, "param_draws": 121},
+    # twice long's steps plus 121 prompts per family drawn between the grid points (300 for F, the last
+    # laggard) and the capped log-ratio term on each node's children: every target at 3 seeds (docs/calibration.md)
+    "long-dense": {**_LONG, "max_steps": 1920, "param_draws": 121, "family_draws": "f_distribution=300",
+                   "log_ratio_weight": 1.0, "log_ratio_cap": 1.0},
     # the paper's LoRA is on the attention projections, named q/k/v/o_proj in all four families
     "paper-soft": dict(mode="soft", num_decimals=5, max_bins=1001, samples_per_prompt=1, epochs=3,
                        lora_targets="q_proj,k_proj,v_proj,o_proj", **_ARTIFACT_LOOP),
@@ -160,8 +162,10 @@ def parse_config(argv=None) -> TrainConfig:
     recipe = dict(RECIPES[given.get("recipe", TrainConfig.recipe)])
     if given.get("mode", recipe.get("mode")) != recipe.get("mode"):
         # another --mode than the recipe's: its mode-specific settings do not carry over
-        for key in ("share_prompt", "samples_per_prompt", "trie_pack"):
+        for key in ("share_prompt", "samples_per_prompt", "trie_pack", "log_ratio_weight", "log_ratio_cap"):
             recipe.pop(key, None)
+    if given.get("log_ratio_weight") == 0:
+        recipe.pop("log_ratio_cap", None)  # `--log-ratio-weight 0` turns the recipe's term off, its cap with it
     cfg = TrainConfig(**{**recipe, **given})
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.recipe)

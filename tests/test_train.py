@@ -563,6 +563,25 @@ def test_help_documents_every_field(monkeypatch, capsys):
     assert "(default: 0; long-dense: 121)" in squashed
 
 
+def test_long_dense_recipe_carries_its_soft_only_terms_and_drops_them_for_another_mode():
+    """long-dense sets F's extra draws and the capped log-ratio term; the term is soft-only, so with
+    --mode trie the recipe's value is dropped (as share_prompt's is) rather than an error raised, and
+    --log-ratio-weight 0 turns the term off with its cap."""
+    from calft.train_config import check_config, parse_config
+
+    cfg = parse_config(["--recipe", "long-dense"])
+    check_config(cfg)
+    assert (cfg.max_steps, cfg.param_draws, cfg.family_draws) == (1920, 121, "f_distribution=300")
+    assert (cfg.log_ratio_weight, cfg.log_ratio_cap, cfg.family_balance) == (1.0, 1.0, True)
+    trie = parse_config(["--recipe", "long-dense", "--mode", "trie"])
+    check_config(trie)
+    assert (trie.log_ratio_weight, trie.log_ratio_cap, trie.share_prompt) == (0.0, 0.0, False)
+    assert parse_config(["--recipe", "long-dense", "--log-ratio-cap", "2"]).log_ratio_cap == 2.0
+    off = parse_config(["--recipe", "long-dense", "--log-ratio-weight", "0"])
+    check_config(off)
+    assert (off.log_ratio_weight, off.log_ratio_cap, off.family_draws) == (0.0, 0.0, "f_distribution=300")
+
+
 # ---- one evaluation path: the table printed after training is the one `python -m calft.eval` prints
 
 def test_eval_cli_prints_the_training_table(tiny_model_dir, tmp_path, capsys):
