@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import sys
 from pathlib import Path
 
@@ -113,6 +114,16 @@ def _is_own_temp(name: str) -> bool:
     return name.startswith(".") and TMP_MARK in name or name == RUN_MARKER + ".tmp"
 
 
+def _as_flags(values: dict) -> str:
+    """{"lr": 0.5, "family_balance": False} -> "--lr 0.5 --no-family-balance" (calft.cli's flag names)."""
+    def flag(name, value):
+        name = name.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{name}" if value else f"--no-{name}"
+        return f"--{name} {shlex.quote(str(value))}"
+    return " ".join(flag(k, v) for k, v in sorted(values.items()) if v is not None)
+
+
 def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
                   max_steps: int, prog: str = "calft.train", defaults: dict | None = None) -> str:
     """Make `out_dir` this process's run directory, or raise RunDirError (nothing written).
@@ -165,8 +176,9 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
             if old != train_fields:
                 diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
                         if old.get(k) != train_fields.get(k)}
-                raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): pass "
-                                  "--overwrite to replace it or choose another --output-dir")
+                raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): continue it "
+                                  f"with --resume {_as_flags({k: old_new[0] for k, old_new in diff.items()})}, "
+                                  "pass --overwrite to replace it, or choose another --output-dir")
             if not resume:
                 raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "
                                   "--overwrite to start over")

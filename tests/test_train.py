@@ -10,6 +10,7 @@ import json
 import math
 import os
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -518,6 +519,20 @@ def test_bad_input_gives_clear_error(case, tiny_model_dir, no_eos_model_dir, tok
         assert "--overwrite" not in errors[0]  # never offered for a directory calft did not create
         after = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} if out.exists() else None
         assert after == before  # nothing written: no config.json, no lock file, nothing deleted
+
+
+def test_other_config_error_names_the_flags_that_continue_the_run(tiny_model_dir, full_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A run whose config differs (e.g. a recipe changed since it started) is refused with the old
+    values as flags; passing them continues that run (finished here: nothing to do, exit 0)."""
+    monkeypatch.setenv("CALFT_CACHE_DIR", str(tmp_path / "cache"))
+    args = tiny_args(tiny_model_dir, full_run, "--lr", "0.5", "--lora-r", "8")
+    code, err = train_in_process(args, monkeypatch, capsys)
+    assert code == 2 and "different config" in err
+    suggested = err.split("continue it with ")[1].split(", pass --overwrite")[0]
+    assert suggested == "--resume --lora-r 4 --lr 0.01", err
+    code, err = train_in_process(args + shlex.split(suggested), monkeypatch, capsys)
+    assert code == 0, err
 
 
 def test_overwrite_refuses_a_directory_calft_did_not_create(tiny_model_dir, tmp_path, monkeypatch, capsys):
