@@ -121,7 +121,7 @@ def _as_flags(values: dict) -> str:
         if isinstance(value, bool):
             return f"--{name}" if value else f"--no-{name}"
         return f"--{name} {shlex.quote(str(value))}"
-    return " ".join(flag(k, v) for k, v in sorted(values.items()) if v is not None)
+    return " ".join(flag(k, v) for k, v in sorted(values.items()))
 
 
 def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
@@ -176,8 +176,10 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
             if old != train_fields:
                 diff = {k: (old.get(k), train_fields.get(k)) for k in set(old) | set(train_fields)
                         if old.get(k) != train_fields.get(k)}
-                raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): continue it "
-                                  f"with --resume {_as_flags({k: old_new[0] for k, old_new in diff.items()})}, "
+                # a field calft has dropped since (absent from train_fields) has no flag to continue with
+                resumable = all(k in train_fields and k in old for k in diff)
+                how = f"continue it with --resume {_as_flags({k: old[k] for k in diff})}, " if resumable else ""
+                raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): {how}"
                                   "pass --overwrite to replace it, or choose another --output-dir")
             if not resume:
                 raise RunDirError(f"{out_dir} already holds this run: pass --resume to continue it or "

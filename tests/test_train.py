@@ -533,6 +533,13 @@ def test_other_config_error_names_the_flags_that_continue_the_run(tiny_model_dir
     assert suggested == "--resume --lora-r 4 --lr 0.01", err
     code, err = train_in_process(args + shlex.split(suggested), monkeypatch, capsys)
     assert code == 0, err
+    # a field calft has dropped since has no flag: the refusal offers only --overwrite / another directory
+    old_run = tmp_path / "old_run"
+    shutil.copytree(full_run, old_run)
+    config = json.loads((old_run / "config.json").read_text())
+    (old_run / "config.json").write_text(json.dumps({**config, "retired_knob": 3}))
+    code, err = train_in_process(tiny_args(tiny_model_dir, old_run), monkeypatch, capsys)
+    assert code == 2 and "'retired_knob': (3, None)" in err and "continue it" not in err and "--overwrite" in err
 
 
 def test_overwrite_refuses_a_directory_calft_did_not_create(tiny_model_dir, tmp_path, monkeypatch, capsys):
