@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from dataclasses import field
 
@@ -33,6 +34,25 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, self.const if self.const is not None else values)
 
 
+def flag_name(field_name: str) -> str:
+    """A config field's flag: "family_balance" -> "--family-balance"."""
+    return "--" + field_name.replace("_", "-")
+
+
+def as_flags(values: dict) -> str:
+    """The flags that set these field values, the inverse of add_flags' parsing:
+    {"lr": 0.5, "family_balance": False, "adapter": ["a", "b"]} -> "--adapter a --adapter b
+    --no-family-balance --lr 0.5" (shell-quoted, fields sorted)."""
+    def one(name, value):
+        flag = flag_name(name)
+        if isinstance(value, bool):
+            return flag if value else "--no-" + flag[2:]
+        if isinstance(value, list):
+            return " ".join(f"{flag} {shlex.quote(str(v))}" for v in value)
+        return f"{flag} {shlex.quote(str(value))}"
+    return " ".join(one(k, v) for k, v in sorted(values.items()))
+
+
 def add_flags(parser: argparse.ArgumentParser, config_cls, groups: dict, extra_help=None) -> None:
     """One flag per field of `config_cls`; `groups` maps the field opening each group to its title;
     extra_help(name) -> text appended to a field's default in its help (e.g. per-recipe values)."""
@@ -42,7 +62,7 @@ def add_flags(parser: argparse.ArgumentParser, config_cls, groups: dict, extra_h
             group = parser.add_argument_group(groups[f.name])
         extra = extra_help(f.name) if extra_help else ""
         help = f"{f.metadata['help']} (default: {f.default!r}{'; ' + extra if extra else ''})"
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         typ_name = f.type if isinstance(f.type, str) else f.type.__name__
         if typ_name == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)

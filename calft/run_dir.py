@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import shlex
 import sys
 from pathlib import Path
 
+from calft.cli import as_flags
 from calft.fileio import TMP_MARK, check_target, hold_lock, remove_temps, write_atomic
 
 RUN_MARKER = ".calft-run.json"
@@ -114,16 +114,6 @@ def _is_own_temp(name: str) -> bool:
     return name.startswith(".") and TMP_MARK in name or name == RUN_MARKER + ".tmp"
 
 
-def _as_flags(values: dict) -> str:
-    """{"lr": 0.5, "family_balance": False} -> "--lr 0.5 --no-family-balance" (calft.cli's flag names)."""
-    def flag(name, value):
-        name = name.replace("_", "-")
-        if isinstance(value, bool):
-            return f"--{name}" if value else f"--no-{name}"
-        return f"--{name} {shlex.quote(str(value))}"
-    return " ".join(flag(k, v) for k, v in sorted(values.items()))
-
-
 def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool, overwrite: bool,
                   max_steps: int, prog: str = "calft.train", defaults: dict | None = None) -> str:
     """Make `out_dir` this process's run directory, or raise RunDirError (nothing written).
@@ -178,7 +168,7 @@ def claim_run_dir(out_dir: Path, config: dict, run_only_fields, *, resume: bool,
                         if old.get(k) != train_fields.get(k)}
                 # a field calft has dropped since (absent from train_fields) has no flag to continue with
                 resumable = all(k in train_fields and k in old for k in diff)
-                how = f"continue it with --resume {_as_flags({k: old[k] for k in diff})}, " if resumable else ""
+                how = f"continue it with --resume {as_flags({k: old[k] for k in diff})}, " if resumable else ""
                 raise RunDirError(f"{out_dir} holds a run with a different config {diff} (old, new): {how}"
                                   "pass --overwrite to replace it, or choose another --output-dir")
             if not resume:
